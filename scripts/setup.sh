@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up dfkd_fast on a fresh machine (CPU or CUDA): the local torch 2.13.0, runtime + test deps, and the
+# package with its compiled extension built against that torch (no build isolation: nothing replaces torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+$PY -m pip install -q torch==2.13.0
+$PY -m pip install -q setuptools wheel ninja
+$PY -m pip install -q triton numpy tqdm matplotlib pillow safetensors mlxtend scikit-learn scikit-image \
+    pytest pytest-timeout pytest-benchmark
+$PY -m pip install -q --no-build-isolation --no-deps -e .
+$PY -c "import torch, dfkd_fast; from dfkd_fast import _backend as b; print('dfkd_fast ready: torch', torch.__version__, '| cpp extension:', 'built' if b.extension() is not None else b.extension_error())"

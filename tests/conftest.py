@@ -1,0 +1,35 @@
+"""Test configuration: Triton runs in its CPU interpreter unless a GPU test run asks otherwise.
+
+``TRITON_INTERPRET=1`` must be set before Triton is imported, so it is set here, at collection start.
+GPU runs (on a lent device, never in CI): ``DFKD_FAST_GPU_TESTS=1 pytest -m gpu tests``.
+"""
+from __future__ import annotations
+
+import os
+
+if os.environ.get("DFKD_FAST_GPU_TESTS", "0") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run with DFKD_FAST_GPU_TESTS=1)")
+    config.addinivalue_line("markers", "slow: longer CPU test (still part of CI)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("DFKD_FAST_GPU_TESTS", "0") == "1" and torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="GPU test: needs CUDA and DFKD_FAST_GPU_TESTS=1")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,37 @@
+"""Smoke tests of the package layout: kernels install as dfkd_fast.kernels, not as a top-level name."""
+import importlib
+
+import pytest
+
+
+def test_kernels_is_a_subpackage():
+    k = importlib.import_module("dfkd_fast.kernels")
+    assert k.__name__ == "dfkd_fast.kernels"
+    assert hasattr(k, "HAS_TRITON") and hasattr(k, "LAUNCHES")
+
+
+def test_no_top_level_kernels_from_us(tmp_path):
+    """Outside the source tree, 'kernels' must not resolve to our folder (it would clash on PyPI)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.util as u; s = u.find_spec('kernels'); "
+            "print('none' if s is None else s.origin)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    origin = out.stdout.strip()
+    from pathlib import Path
+
+    ours = str(Path(__file__).resolve().parents[1] / "kernels")
+    assert origin == "none" or not origin.startswith(ours), origin
+
+
+def test_backend_resolution_errors():
+    import torch
+
+    from dfkd_fast._backend import resolve
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve("op", "cuda", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="no cpp implementation"):
+        resolve("op", "cpp", torch.device("cpu"), cpp=None)
+    assert resolve("op", "torch", torch.device("cpu")) == "torch"
