@@ -3,6 +3,8 @@
 Build switches (environment):
   DFKD_FAST_SKIP_EXT=1     do not build the compiled extension (pure Python + Triton install)
   DFKD_FAST_FORCE_CUDA=1   compile csrc/cuda/*.cu even if torch reports no CUDA build
+  DFKD_FAST_CPU_ARCH=...   -march for the C++ CPU kernels (default: native, since the extension is built on
+                           the machine that runs it; use e.g. x86-64-v2 for a portable build)
   MAX_JOBS=N               parallel compile jobs (ninja)
 
 Install without build isolation so pip never pulls another torch:
@@ -52,8 +54,10 @@ def _extensions():
     if cuda_sources and not want_cuda:
         warnings.warn("dfkd_fast: no CUDA toolkit / CUDA build of torch; compiling the C++ CPU kernels only")
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        cxx.append("-march=x86-64-v2")
+    arch = os.environ.get("DFKD_FAST_CPU_ARCH", "native")
+    if arch:
+        cxx.append(f"-march={arch}")
+    info["cpu_arch"] = arch
     define = [("DFKD_FAST_WITH_CUDA", "1")] if want_cuda else []
     common = dict(include_dirs=[os.path.join(HERE, "csrc")], define_macros=define, extra_link_args=["-fopenmp"])
     if want_cuda:

@@ -8,3 +8,4 @@ __version__ = "0.1.0"
 
 from dfkd_fast import ops  # noqa: E402,F401
 from dfkd_fast._checks import set_checks  # noqa: E402,F401
+from dfkd_fast.transfer_set import TransferSet  # noqa: E402,F401

@@ -1,20 +1,166 @@
-"""Public soft-target losses: ``soft_target_cross_entropy``, ``kd_kl_div`` (dispatch: triton | cpp | torch)."""
+"""Public soft-target losses: ``soft_target_cross_entropy``, ``kd_kl_div`` (dispatch: triton | cpp | torch).
+
+The fused backends compute the row losses and the (reduction-scaled) gradients in one pass over the logits
+in the forward and save the gradients; the backward multiplies them by ``grad_output``. Gradients are only
+computed for inputs that require them (the KD teacher gradient, for adversarial generator terms, costs one
+more read of the row). See ``dfkd_fast/kernels/soft_ce.py`` for the kernel design.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
+from dfkd_fast import _backend, _checks
+from dfkd_fast.kernels import soft_ce as _k
 from dfkd_fast.kernels.soft_ce import kd_kl_div_ref, soft_target_cross_entropy_ref
 
-__all__ = ["soft_target_cross_entropy", "kd_kl_div"]
+__all__ = ["soft_target_cross_entropy", "kd_kl_div", "SoftTargetCrossEntropyFunction", "KDKLDivFunction"]
+
+
+def _check_inputs(a: torch.Tensor, b: torch.Tensor, na: str, nb: str, temperature: float, reduction: str,
+                  op: str) -> None:
+    """Shape / dtype / temperature / reduction checks (the NaN/Inf check is done per backend, see below)."""
+    _checks.check_float(a, na, op)
+    _checks.check_float(b, nb, op)
+    _checks.check_ndim(a, na, op, (2,))
+    _checks.check_same_shape(a, b, na, nb, op)
+    _checks.check_same_device([a, b], [na, nb], op)
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{op}: '{na}' must have at least one row and one class, got shape {tuple(a.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    if reduction not in _k.REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_k.REDUCTIONS}, got {reduction!r}")
+
+
+def _check_row_losses(loss: torch.Tensor, na: str, nb: str, op: str) -> None:
+    """NaN/Inf check of the fused paths: any NaN/Inf input makes its row loss non-finite, so checking the N row
+    losses replaces a full pass over both (N, K) inputs (which costs more than the fused kernel itself)."""
+    if _checks.checks_enabled() and not bool(torch.isfinite(loss).all()):
+        raise ValueError(f"{op}: '{na}' or '{nb}' contains NaN or Inf (or '{na}' / temperature overflows float32); "
+                         "check the upstream computation or disable checks with DFKD_FAST_CHECKS=0")
+
+
+def _fused(backend: str, kind: str, a: torch.Tensor, b: torch.Tensor, temperature: float, scale: float,
+           need_a: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if backend == "triton":
+        fn = _k.soft_target_cross_entropy_fwd if kind == "ce" else _k.kd_kl_div_fwd
+        return fn(a, b, float(temperature), scale, need_a, need_b)
+    ext = _backend.extension()
+    fn = ext.soft_ce_fwd if kind == "ce" else ext.kd_kl_fwd
+    loss, ga, gb = fn(a, b, float(temperature), scale, need_a, need_b)
+    return loss, ga, gb
+
+
+def _scale_grad(g: torch.Tensor | None, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor | None:
+    if g is None:
+        return None
+    if per_row:
+        return (g * grad_output.view(-1, 1)).to(g.dtype)
+    return g * grad_output.to(torch.float32 if g.dtype != torch.float64 else g.dtype)
+
+
+def _reduce(loss: torch.Tensor, reduction: str, scale: float) -> torch.Tensor:
+    return loss if reduction == "none" else loss.sum() * scale
+
+
+class SoftTargetCrossEntropyFunction(torch.autograd.Function):
+    """Fused soft-target CE; gradients w.r.t. logits and (if required) targets are computed in forward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, reduction: str,
+                backend: str) -> torch.Tensor:
+        scale = _k.reduction_scale(reduction, logits.shape[0], "soft_target_cross_entropy")
+        loss, gz, gy = _fused(backend, "ce", logits, targets, temperature, scale,
+                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        _check_row_losses(loss, "logits", "targets", "soft_target_cross_entropy")
+        ctx.save_for_backward(gz, gy)
+        ctx.per_row = reduction == "none"
+        return _reduce(loss, reduction, scale)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        gz, gy = ctx.saved_tensors
+        return _scale_grad(gz, grad_output, ctx.per_row), _scale_grad(gy, grad_output, ctx.per_row), None, None, None
+
+
+class KDKLDivFunction(torch.autograd.Function):
+    """Fused KD KL * T^2; the teacher gradient is computed only when the teacher logits require grad."""
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, reduction: str,
+                backend: str) -> torch.Tensor:
+        scale = _k.reduction_scale(reduction, student_logits.shape[0], "kd_kl_div")
+        loss, gs, gt = _fused(backend, "kl", student_logits, teacher_logits, temperature, scale,
+                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        _check_row_losses(loss, "student_logits", "teacher_logits", "kd_kl_div")
+        ctx.save_for_backward(gs, gt)
+        ctx.per_row = reduction == "none"
+        return _reduce(loss, reduction, scale)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        gs, gt = ctx.saved_tensors
+        return _scale_grad(gs, grad_output, ctx.per_row), _scale_grad(gt, grad_output, ctx.per_row), None, None, None
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                               reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
-    """-sum_j y_j log softmax(z/T)_j per row. Shape: (N, K), (N, K) -> () or (N,)."""
-    return soft_target_cross_entropy_ref(logits, targets, temperature, reduction)
+    """Cross-entropy of temperature-softened logits to soft targets (Data Impressions / ZSKD loss).
+
+    .. math::
+        \\ell_i = -\\sum_j y_{ij} \\log \\mathrm{softmax}(z_i / T)_j, \\qquad
+        \\frac{\\partial \\ell_i}{\\partial z_i} = \\frac{\\mathrm{softmax}(z_i/T) \\sum_j y_{ij} - y_i}{T}
+
+    The temperature is applied once. ``mean``/``batchmean`` divide by N, ``sum`` adds, ``none`` keeps rows.
+
+    Shape: logits (N, K), targets (N, K) (fp32/fp16/bf16, any strides) -> () or (N,) fp32.
+    Gradients come back in each input's dtype; targets get a gradient only if they require one.
+
+    Args:
+        logits: student / teacher logits z.
+        targets: soft targets y (rows need not sum to 1; the gradient uses sum_j y_ij).
+        temperature: T > 0.
+        reduction: ``"mean" | "batchmean" | "sum" | "none"``.
+        backend: ``"auto" | "triton" | "cpp" | "torch"``.
+    """
+    op = "soft_target_cross_entropy"
+    _check_inputs(logits, targets, "logits", "targets", temperature, reduction, op)
+    chosen = _backend.resolve(op, backend, logits.device, triton=True, cpp="soft_ce_fwd")
+    if chosen == "torch":
+        _checks.check_finite(logits, "logits", op)
+        _checks.check_finite(targets, "targets", op)
+        return soft_target_cross_entropy_ref(logits, targets, temperature, reduction)
+    return SoftTargetCrossEntropyFunction.apply(logits, targets, float(temperature), reduction, chosen)
 
 
 def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
               reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) * T^2. Shape: (N, K), (N, K) -> () or (N,)."""
-    return kd_kl_div_ref(student_logits, teacher_logits, temperature, reduction)
+    """Hinton KD loss ``KL(softmax(t/T) || softmax(s/T)) * T^2``, differentiable w.r.t. both logits.
+
+    .. math::
+        \\ell_i = T^2 \\sum_j p_{ij} (\\log p_{ij} - \\log q_{ij}),\\quad p = \\mathrm{softmax}(t/T),\\;
+        q = \\mathrm{softmax}(s/T);\\quad \\partial_s \\ell_i = T (q_i - p_i),\\;
+        \\partial_t \\ell_i = T p_i (\\log p_i - \\log q_i - \\ell_i / T^2)
+
+    Shape: student (N, K), teacher (N, K) -> () or (N,) fp32. ``batchmean``/``mean`` divide the sum by N.
+    The teacher gradient (generator training through the teacher, CMI/ZSKT adversarial terms) is computed
+    only when ``teacher_logits.requires_grad``.
+
+    Args:
+        student_logits: s.
+        teacher_logits: t.
+        temperature: T > 0.
+        reduction: ``"batchmean" | "mean" | "sum" | "none"``.
+        backend: ``"auto" | "triton" | "cpp" | "torch"``.
+    """
+    op = "kd_kl_div"
+    _check_inputs(student_logits, teacher_logits, "student_logits", "teacher_logits", temperature, reduction, op)
+    chosen = _backend.resolve(op, backend, student_logits.device, triton=True, cpp="kd_kl_fwd")
+    if chosen == "torch":
+        _checks.check_finite(student_logits, "student_logits", op)
+        _checks.check_finite(teacher_logits, "teacher_logits", op)
+        return kd_kl_div_ref(student_logits, teacher_logits, temperature, reduction)
+    return KDKLDivFunction.apply(student_logits, teacher_logits, float(temperature), reduction, chosen)

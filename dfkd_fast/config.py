@@ -1,0 +1,243 @@
+"""Typed run configurations; the ``dfkd-fast`` CLI flags are generated from these dataclasses.
+
+Every field becomes ``--field-name`` (underscores -> hyphens). ``metadata["help"]`` is the flag's help,
+``metadata["required"]`` marks fields that must come from the command line or the YAML file. A YAML file
+(``--config FILE``, read with ``yaml.safe_load`` when PyYAML is installed) supplies values for the same
+field names; flags given on the command line override it.
+
+No flag may be a prefix of a ``torchrun`` option (``torchrun`` parses abbreviations), so every name is
+spelled out: ``--num-images``, ``--num-classes`` ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SynthesizeConfig", "DistillConfig", "DemoConfig", "ExportPngConfig", "parse_image_size",
+           "parse_floats", "parse_opts", "load_yaml", "merge_config", "TORCHRUN_OPTIONS"]
+
+#: ``torchrun`` options (both spellings); the CLI test checks no flag of ours is a prefix of one of them.
+TORCHRUN_OPTIONS = (
+    "--nnodes", "--nproc-per-node", "--nproc_per_node", "--rdzv-backend", "--rdzv_backend", "--rdzv-endpoint",
+    "--rdzv_endpoint", "--rdzv-id", "--rdzv_id", "--rdzv-conf", "--rdzv_conf", "--standalone",
+    "--max-restarts", "--max_restarts", "--monitor-interval", "--monitor_interval", "--start-method",
+    "--start_method", "--role", "--module", "--no-python", "--no_python", "--run-path", "--run_path",
+    "--log-dir", "--log_dir", "--redirects", "--tee", "--local-ranks-filter", "--local_ranks_filter",
+    "--node-rank", "--node_rank", "--master-addr", "--master_addr", "--master-port", "--master_port",
+    "--local-addr", "--local_addr", "--logs-specs", "--logs_specs", "--rdzv-timeout", "--rdzv_timeout",
+    "--signals-to-handle", "--event-log-handler", "--numa-binding", "--virtual-local-rank",
+)
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", required: bool = False, **kw: Any) -> Any:
+    meta = {"help": help, "required": required}
+    if "default_factory" in kw:
+        return field(default_factory=kw["default_factory"], metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SynthesizeConfig:
+    """``dfkd-fast synthesize``: write a transfer set synthesized from a teacher."""
+
+    teacher: str = _f(None, "teacher: a zoo name (lenet5, resnet34, ...) or 'package.module:factory'", True)
+    weights: str | None = _f(None, "teacher weights (.safetensors or a torch state_dict loaded with weights_only)")
+    num_classes: int = _f(10, "number of classes K of the teacher")
+    image_size: str = _f("3,32,32", "teacher input size 'C,H,W'")
+    method: str = _f(None, "synthesis method (see `dfkd-fast info`)", True)
+    num_images: int = _f(None, "number of images to synthesize", True)
+    out: str = _f(None, "output directory of the transfer set", True)
+    batch_size: int = _f(64, "images per synthesis batch")
+    seed: int = _f(0, "base seed; batch b uses a seed derived from (seed, b)")
+    mean: str | None = _f(None, "teacher input normalization mean, 'm' or 'm1,m2,m3'")
+    std: str | None = _f(None, "teacher input normalization std, 's' or 's1,s2,s3'")
+    resume: bool = _f(False, "continue an interrupted run in --out")
+    device: str = _f("auto", "device: auto (cuda when available), cpu, cuda, cuda:1 ...")
+    backend: str = _f("auto", "fused-op backend: auto, triton, cpp, torch")
+    shard_size: int = _f(1024, "images per shard (rounded up to a multiple of --batch-size)")
+    store: str = _f("uint8", "image storage: uint8 or fp16")
+    preview: int = _f(64, "images in the PNG grid preview (0: none)")
+    distributed: bool = _f(False, "multi-process synthesis: run under torchrun, one rank per process (NCCL/gloo)")
+    opt: list[str] = _f(help="method option key=value (repeatable)", default_factory=list)
+
+
+@dataclass
+class DistillConfig:
+    """``dfkd-fast distill``: train a student on a transfer set by KD from the teacher."""
+
+    transfer_set: str = _f(None, "transfer set directory written by `dfkd-fast synthesize`", True)
+    teacher: str = _f(None, "teacher: zoo name or 'package.module:factory'", True)
+    weights: str | None = _f(None, "teacher weights file")
+    student: str = _f(None, "student: zoo name or 'package.module:factory'", True)
+    student_weights: str | None = _f(None, "initial student weights (optional)")
+    num_classes: int = _f(10, "number of classes K")
+    image_size: str = _f("3,32,32", "input size 'C,H,W'")
+    mean: str | None = _f(None, "input normalization mean")
+    std: str | None = _f(None, "input normalization std")
+    epochs: int = _f(20, "KD epochs over the transfer set")
+    lr: float = _f(0.1, "SGD learning rate (momentum 0.9)")
+    weight_decay: float = _f(5e-4, "SGD weight decay")
+    temperature: float = _f(20.0, "KD temperature T")
+    batch_size: int = _f(128, "KD batch size")
+    schedule: str = _f("cosine", "learning-rate schedule: cosine, step or constant")
+    augment: str = _f("none", "augmentation of the transfer images: none, crop (pad-crop) or crop_flip (+ flip)")
+    test_set: str | None = _f(None, "real test set for evaluation: mnist5k, digits or none")
+    out: str = _f("runs/distill", "output directory (checkpoints, curves, student weights)")
+    resume: bool = _f(False, "continue from the last checkpoint in --out")
+    seed: int = _f(0, "seed")
+    device: str = _f("auto", "device")
+    backend: str = _f("auto", "fused-op backend")
+
+
+@dataclass
+class DemoConfig:
+    """``dfkd-fast demo``: MNIST-5k teacher -> Data Impressions -> LeNet-5-half student, in minutes on a CPU."""
+
+    out: str = _f("runs/demo", "output directory")
+    num_images: int = _f(2400, "number of Data Impressions to synthesize")
+    iterations: int = _f(50, "Adam steps per impression batch")
+    lr: float = _f(10.0, "initial Adam learning rate of the impression pixels (ZSKD, linear decay to 0)")
+    batch_size: int = _f(200, "impressions per batch")
+    temperature: float = _f(20.0, "temperature tau of the impression loss (ZSKD)")
+    kd_temperature: float = _f(4.0, "KD temperature T of the students")
+    kd_epochs: int = _f(30, "KD epochs of the students")
+    kd_lr: float = _f(0.005, "student SGD learning rate (momentum 0.9, weight decay 5e-4, cosine)")
+    kd_augment: str = _f("crop", "augmentation of the impressions during KD: none, crop or crop_flip")
+    teacher_epochs: int | None = _f(None, "teacher training epochs (first run only; default: the teachers module's)")
+    seed: int = _f(0, "seed")
+    quick: bool = _f(False, "tiny sizes for a smoke test (well under a minute)")
+    device: str = _f("auto", "device")
+    backend: str = _f("auto", "fused-op backend")
+    cache_dir: str | None = _f(None, "teacher cache directory (default: the teachers module's default)")
+
+
+@dataclass
+class ExportPngConfig:
+    """``dfkd-fast export-png``: write a transfer set out as an image folder."""
+
+    transfer_set: str = _f(None, "transfer set directory", True)
+    out: str = _f(None, "output image folder", True)
+
+
+def parse_image_size(text: str | Sequence[int]) -> tuple[int, int, int]:
+    """'C,H,W' -> (C, H, W) with every entry >= 1."""
+    if not isinstance(text, str):
+        vals = tuple(int(v) for v in text)
+    else:
+        try:
+            vals = tuple(int(v) for v in text.replace("x", ",").split(","))
+        except ValueError:
+            raise ValueError(f"--image-size must be 'C,H,W' with integers, e.g. 3,32,32; got {text!r}") from None
+    if len(vals) != 3 or min(vals) < 1:
+        raise ValueError(f"--image-size must be three positive integers 'C,H,W', e.g. 3,32,32; got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def parse_floats(text: str | Sequence[float] | None, name: str) -> list[float] | None:
+    """'0.5,0.5,0.5' -> [0.5, 0.5, 0.5]; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return [float(v) for v in text]
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} must be comma-separated numbers, e.g. 0.5,0.5,0.5; got {text!r}") from None
+
+
+def _convert(value: Any, typ: Any, key: str) -> Any:
+    """Convert a string option to the type of a Config field (bool, int, float, str, tuples)."""
+    if not isinstance(value, str):
+        return value
+    t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    t = t.replace(" ", "")
+    try:
+        if t.startswith("bool"):
+            low = value.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return low in ("1", "true", "yes")
+        if t.startswith("int"):
+            return int(value)
+        if t.startswith("float"):
+            return float(value)
+        if t.startswith("tuple") or t.startswith("list"):
+            inner = float if "float" in t else int if "int" in t else str
+            seq = [inner(v) for v in value.split(",") if v.strip()]
+            return tuple(seq) if t.startswith("tuple") else seq
+    except ValueError:
+        raise ValueError(f"option {key}={value!r}: expected a value of type {t}") from None
+    return value
+
+
+def parse_opts(method_config: type, opts: Sequence[str] | dict[str, Any]) -> dict[str, Any]:
+    """Turn ``key=value`` strings (or a dict) into typed keyword overrides of a method's ``Config``.
+
+    Raises:
+        ValueError: unknown key (the message lists the method's options) or a value of the wrong type.
+    """
+    fields = {f.name: f for f in dataclasses.fields(method_config)}
+    items: list[tuple[str, Any]] = []
+    if isinstance(opts, dict):
+        items = list(opts.items())
+    else:
+        for o in opts:
+            if "=" not in o:
+                raise ValueError(f"--opt expects key=value, got {o!r}")
+            k, v = o.split("=", 1)
+            items.append((k.strip(), v.strip()))
+    out: dict[str, Any] = {}
+    for k, v in items:
+        key = k.replace("-", "_")
+        if key not in fields:
+            raise ValueError(f"unknown option {k!r} for this method; its options are: {', '.join(sorted(fields))}")
+        out[key] = _convert(v, fields[key].type, key)
+    return out
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML (or JSON) config file with ``yaml.safe_load``; keys may use hyphens or underscores."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    with open(path) as f:
+        text = f.read()
+    try:
+        import yaml
+    except ImportError:
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: PyYAML is not installed, so only JSON config files can be read") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path!r} is not valid YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def merge_config(cls: type, *layers: dict[str, Any]) -> Any:
+    """Build ``cls`` from dataclass defaults overridden by each mapping in ``layers`` in turn.
+
+    Unknown keys and missing required fields raise ``ValueError`` naming the flag.
+    """
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in layer.items():
+            if k not in names:
+                raise ValueError(f"unknown option {k!r}; known: {', '.join(sorted(names))}")
+            values[k] = v
+    for name, f in names.items():
+        if f.metadata.get("required") and values.get(name) is None:
+            raise ValueError(f"the argument --{name.replace('_', '-')} is required")
+    return cls(**values)

@@ -1,0 +1,230 @@
+"""One interface for every synthesis method: ``Synthesizer.synthesize(targets=None) -> SynthesisResult``.
+
+A method subclasses :class:`Synthesizer`, declares its hyper-parameters as a nested ``Config`` dataclass
+(published defaults, names DFKD researchers know: ``bn``, ``oh``, ``adv``, ``lr_g`` ...), implements
+``_synthesize(targets)`` and, if it keeps state across batches (a meta generator, a memory bank, an
+optimizer), extends ``state_dict`` / ``load_state_dict`` so an interrupted run resumes exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+#: Methods that work on a teacher without BatchNorm layers (named in error messages).
+BN_FREE_METHODS = ("data_impressions", "class_impressions", "dafl", "zskt", "impression_space")
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    """One synthesized batch.
+
+    Attributes:
+        images: (N, C, H, W) float in [0, 1] (before the teacher's input normalization), detached.
+        targets: (N,) long class targets, or (N, K) soft targets, that the batch was optimized for.
+        teacher_logits: (N, K) teacher logits on the (normalized) images, detached.
+        losses: total loss per optimization step (for loss curves).
+        seconds: wall-clock seconds spent on the batch.
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    teacher_logits: torch.Tensor
+    losses: tuple[float, ...]
+    seconds: float
+
+
+@dataclass
+class SynthesisConfig:
+    """Hyper-parameters shared by all methods; each method's ``Config`` subclasses this."""
+
+    iterations: int = 200  # optimization steps per batch
+
+
+REGISTRY: dict[str, type[Synthesizer]] = {}
+
+
+def register(name: str):
+    """Class decorator adding a synthesizer to :data:`REGISTRY` under ``name``."""
+
+    def deco(cls: type[Synthesizer]) -> type[Synthesizer]:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"synthesis method {name!r} registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def build_synthesizer(name: str, teacher: nn.Module, num_classes: int, image_size: Sequence[int],
+                      **kwargs: Any) -> Synthesizer:
+    """Instantiate method ``name``; unknown names raise ``ValueError`` listing the known ones."""
+    key = name.lower().replace("-", "_")
+    if key not in REGISTRY:
+        raise ValueError(f"unknown synthesis method {name!r}; choose one of: {', '.join(list_methods())}")
+    return REGISTRY[key](teacher, num_classes, image_size, **kwargs)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class Synthesizer:
+    """Base class. Subclasses set ``Config`` and implement ``_synthesize``.
+
+    Args:
+        teacher: trained classifier; put in eval mode, its parameters frozen.
+        num_classes: K; checked against the teacher's output width.
+        image_size: (C, H, W) of the teacher's input.
+        config: a ``Config`` instance; keyword ``overrides`` replace its fields.
+        batch_size: images per ``synthesize`` call.
+        mean, std: the teacher's input normalization (per channel); images are synthesized in [0, 1].
+        device: defaults to the teacher's device.
+        backend: backend of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
+        seed: seeds this synthesizer's ``torch.Generator`` (per-batch randomness is reproducible).
+        student: optional student for adversarial / competition terms (never the teacher).
+    """
+
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[SynthesisConfig]] = SynthesisConfig
+    needs_bn: ClassVar[bool] = False
+
+    def __init__(self, teacher: nn.Module, num_classes: int, image_size: Sequence[int],
+                 config: SynthesisConfig | None = None, *, batch_size: int = 64,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 device: torch.device | str | None = None, backend: str = "auto", seed: int = 0,
+                 student: nn.Module | None = None, **overrides: Any) -> None:
+        if len(tuple(image_size)) != 3:
+            raise ValueError(f"image_size must be (C, H, W), got {tuple(image_size)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cfg = config if config is not None else self.Config()
+        if not isinstance(cfg, self.Config):
+            raise ValueError(f"{type(self).__name__}: config must be a {self.Config.__name__}")
+        known = {f.name for f in dataclasses.fields(cfg)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"{self.name}: unknown hyper-parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+        self.config = dataclasses.replace(cfg, **overrides)
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.device = torch.device(device) if device is not None else _module_device(teacher)
+        self.num_classes = int(num_classes)
+        self.image_size = tuple(int(s) for s in image_size)
+        self.batch_size = int(batch_size)
+        self.backend = backend
+        self.seed = int(seed)
+        self.student = student
+        if self.needs_bn and not has_batchnorm(teacher):
+            raise ValueError(
+                f"method {self.name!r} matches BatchNorm statistics but the teacher has no BatchNorm layers; "
+                f"use one of: {', '.join(BN_FREE_METHODS)}")
+        c = self.image_size[0]
+        self.mean = _channel_vector(mean, c, "mean", self.device)
+        self.std = _channel_vector(std, c, "std", self.device)
+        if self.std is not None and bool((self.std <= 0).any()):
+            raise ValueError("std must be > 0 for every channel")
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.batches_done = 0
+        self._check_num_classes()
+
+    # ----- helpers for subclasses -----
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std with the teacher's input normalization (identity when none given)."""
+        if self.mean is not None:
+            x = x - self.mean.view(1, -1, 1, 1)
+        if self.std is not None:
+            x = x / self.std.view(1, -1, 1, 1)
+        return x
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.std is not None:
+            x = x * self.std.view(1, -1, 1, 1)
+        if self.mean is not None:
+            x = x + self.mean.view(1, -1, 1, 1)
+        return x
+
+    def default_targets(self, n: int | None = None) -> torch.Tensor:
+        """Balanced class targets, continuing round-robin across batches: (n,) long."""
+        n = self.batch_size if n is None else n
+        start = self.batches_done * self.batch_size
+        return (torch.arange(start, start + n, device=self.device) % self.num_classes).long()
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator, device=self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator, device=self.device)
+
+    # ----- interface -----
+    def synthesize(self, targets: torch.Tensor | None = None) -> SynthesisResult:
+        """Synthesize one batch of ``batch_size`` images (for ``targets`` when given)."""
+        if targets is not None:
+            targets = torch.as_tensor(targets, device=self.device)
+            if targets.dim() == 1 and targets.numel() and (targets.min() < 0 or targets.max() >= self.num_classes):
+                raise ValueError(f"targets must be class indices in [0, {self.num_classes}), "
+                                 f"got range [{int(targets.min())}, {int(targets.max())}]")
+        t0 = time.perf_counter()
+        res = self._synthesize(targets)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        res = dataclasses.replace(res, seconds=time.perf_counter() - t0)
+        self.batches_done += 1
+        return res
+
+    def _synthesize(self, targets: torch.Tensor | None) -> SynthesisResult:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: RNG state, batch counter (subclasses add their own state)."""
+        return {"method": self.name, "batches_done": self.batches_done,
+                "rng_state": self.generator.get_state(), "config": dataclasses.asdict(self.config)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.name:
+            raise ValueError(f"state is for method {state.get('method')!r}, not {self.name!r}")
+        self.batches_done = int(state["batches_done"])
+        self.generator.set_state(state["rng_state"])
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher(self.normalize(images))
+
+    def _check_num_classes(self) -> None:
+        c, h, w = self.image_size
+        with torch.no_grad():
+            was = [m.training for m in self.teacher.modules()]
+            out = self.teacher(torch.zeros(2, c, h, w, device=self.device))
+            for m, t in zip(self.teacher.modules(), was):
+                m.train(t)
+        if out.dim() != 2 or out.shape[1] != self.num_classes:
+            raise ValueError(f"the teacher outputs shape {tuple(out.shape)} but num_classes={self.num_classes}; "
+                             "pass the teacher's number of classes")
+
+
+def _module_device(m: nn.Module) -> torch.device:
+    for p in m.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _channel_vector(v: Sequence[float] | None, c: int, name: str, device: torch.device) -> torch.Tensor | None:
+    if v is None:
+        return None
+    t = torch.as_tensor(v, dtype=torch.float32, device=device).flatten()
+    if t.numel() == 1:
+        t = t.repeat(c)
+    if t.numel() != c:
+        raise ValueError(f"{name} must have 1 or {c} values (one per image channel), got {t.numel()}")
+    return t

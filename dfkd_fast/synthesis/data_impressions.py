@@ -1,0 +1,203 @@
+"""Data Impressions (ZSKD) and Class Impressions: pixel optimization toward sampled teacher outputs.
+
+Nayak et al., "Zero-Shot Knowledge Distillation in Deep Networks" (ICML 2019) and "Mining Data
+Impressions from Deep Models as Substitute for the Unavailable Training Data" (TPAMI 2021).
+
+The teacher's final linear layer gives a class-similarity matrix C (cosine similarity of its weight rows,
+each row min-max normalized). For a target class k and a scale beta, a softmax vector is sampled
+``y ~ Dir(beta * c_k + 1e-4)`` and random-noise pixels are optimized (Adam) until the teacher's
+temperature softmax matches it: ``min_x CE(y, softmax(T(x) / tau))`` (tau applied once). Half of each
+batch uses beta = 1.0 and half beta = 0.1 (the published mixture). No BatchNorm is needed.
+
+Pixel parameterization: the images are optimized directly in [0, 1] with projected Adam (after every
+step the pixels are clamped back to [0, 1]); gradients are not masked by the clamp. They start from
+uniform noise U[0, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dfkd_fast import ops
+from dfkd_fast.models import classifier_weight
+from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, Synthesizer, register
+from dfkd_fast.synthesis.losses import soft_target_ce
+
+__all__ = ["DataImpressions", "ClassImpressions"]
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float, step: int, total: int, schedule: str) -> None:
+    """lr at ``step`` of ``total``: constant, or decayed linearly toward 0 (the published ZSKD schedule)."""
+    if schedule == "linear":
+        lr = lr * (1.0 - step / total)
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+@dataclass
+class _PixelConfig(SynthesisConfig):
+    iterations: int = 1500  # Adam steps per batch (ZSKD)
+    lr: float = 10.0  # the paper's initial Adam learning rate (CIFAR-100 setting), decayed by lr_schedule
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam betas (the optimizer's defaults; the paper names none)
+    lr_schedule: str = "linear"  # "linear" (to 0 over the iterations, as published) or "constant"
+    temperature: float = 20.0  # tau of the teacher's softmax, applied once
+
+
+class _PixelSynthesizer(Synthesizer):
+    """Projected-Adam pixel optimization of one batch against ``self._loss(logits, targets)``."""
+
+    Config = _PixelConfig
+
+    def _check_config(self) -> None:
+        cfg = self.config
+        if cfg.iterations < 1:
+            raise ValueError(f"{self.name}: iterations must be >= 1, got {cfg.iterations}")
+        if cfg.lr <= 0:
+            raise ValueError(f"{self.name}: lr must be > 0, got {cfg.lr}")
+        if cfg.temperature <= 0:
+            raise ValueError(f"{self.name}: temperature must be > 0, got {cfg.temperature}")
+        if cfg.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"{self.name}: lr_schedule must be 'linear' or 'constant', got {cfg.lr_schedule!r}")
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _make_targets(self, targets: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _synthesize(self, targets: torch.Tensor | None) -> SynthesisResult:
+        cfg = self.config
+        y = self._make_targets(targets)
+        n = y.shape[0]
+        x = self.rand(n, *self.image_size).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas))
+        losses: list[float] = []
+        for it in range(cfg.iterations):
+            _set_lr(opt, cfg.lr, it, cfg.iterations, cfg.lr_schedule)
+            loss = self._loss(self.teacher(self.normalize(x)), y)
+            (grad,) = torch.autograd.grad(loss, x)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ValueError(f"{self.name}: the loss became {value} at step {it}; lower lr")
+            x.grad = grad
+            opt.step()
+            with torch.no_grad():
+                x.clamp_(0.0, 1.0)
+            losses.append(value)
+        images = x.detach().clone()
+        return SynthesisResult(images=images, targets=y.detach(), teacher_logits=self.teacher_logits(images),
+                               losses=tuple(losses), seconds=0.0)
+
+
+@register("data_impressions")
+class DataImpressions(_PixelSynthesizer):
+    """Data Impressions (ZSKD): pixels optimized toward Dirichlet-sampled soft targets.
+
+    ``synthesize(targets)``: ``targets`` (N,) class indices (a Dirichlet vector is sampled per row around
+    that class), or (N, K) probability vectors used as they are; ``None`` -> balanced classes. The
+    result's ``targets`` are the (N, K) soft targets.
+
+    .. math::
+        y_n \\sim \\mathrm{Dir}(\\beta_n c_{k_n} + 10^{-4}), \\qquad
+        \\min_x -\\frac1N \\sum_n \\sum_j y_{nj} \\log \\mathrm{softmax}(T(x_n)/\\tau)_j
+
+    Shape: images (N, C, H, W) in [0, 1], targets (N, K).
+    """
+
+    @dataclass
+    class Config(_PixelConfig):
+        beta: tuple[float, ...] = (1.0, 0.1)  # Dirichlet scale mixture; the batch is split evenly among them
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._check_config()
+        beta = tuple(float(b) for b in self.config.beta)
+        if not beta or any(b <= 0 for b in beta):
+            raise ValueError(f"data_impressions: beta must be a non-empty tuple of positive scales, got {beta}")
+        self.config = dataclasses.replace(self.config, beta=beta)
+        try:
+            weight = classifier_weight(self.teacher).detach().to(self.device)
+        except ValueError as e:
+            raise ValueError(f"data_impressions needs the teacher's final nn.Linear (its weight rows give the class "
+                             f"similarity); use class_impressions for this teacher ({e})") from e
+        if weight.dim() != 2 or weight.shape[0] != self.num_classes:
+            raise ValueError(f"data_impressions: the teacher's final linear weight has shape {tuple(weight.shape)}, "
+                             f"expected ({self.num_classes}, F); pass the teacher whose last nn.Linear is the "
+                             "classifier")
+        self.similarity = ops.class_similarity(weight, backend=self.backend)
+
+    def batch_betas(self, n: int) -> torch.Tensor:
+        """Per-row Dirichlet scale: the batch is cut into ``len(beta)`` contiguous, near-equal parts.
+
+        Shape: -> (n,) float.
+        """
+        beta = torch.tensor(self.config.beta, dtype=torch.float32, device=self.device)
+        idx = torch.arange(n, device=self.device) * len(self.config.beta) // max(n, 1)
+        return beta[idx]
+
+    def _make_targets(self, targets: torch.Tensor | None) -> torch.Tensor:
+        if targets is None:
+            targets = self.default_targets()
+        if targets.dim() == 2:
+            if targets.shape[1] != self.num_classes:
+                raise ValueError(f"data_impressions: soft targets must be (N, {self.num_classes}), "
+                                 f"got {tuple(targets.shape)}")
+            return targets.float()
+        if targets.dim() != 1:
+            raise ValueError(f"data_impressions: targets must be (N,) classes or (N, K) probabilities, "
+                             f"got {tuple(targets.shape)}")
+        return self.sample_targets(targets.long())
+
+    def sample_targets(self, classes: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+        """Dirichlet soft targets ``y_n ~ Dir(beta_n * c_{k_n} + 1e-4)`` from this synthesizer's generator.
+
+        ``beta=None`` uses the configured mixture (:meth:`batch_betas`), a number uses that scale for all rows.
+
+        Shape: classes (N,) long -> (N, K) rows on the simplex.
+        """
+        classes = classes.to(self.device).long()
+        betas = self.batch_betas(classes.numel()) if beta is None else float(beta)
+        return ops.dirichlet_targets(self.similarity, classes, betas, generator=self.generator)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return soft_target_ce(logits, targets, self.config.temperature, backend=self.backend)
+
+
+@register("class_impressions")
+class ClassImpressions(_PixelSynthesizer):
+    """Class Impressions (Nayak et al. 2019, beta -> 0 limit of Data Impressions): one-hot targets.
+
+    ``loss="ce"`` minimizes CE(one-hot, softmax(T(x)/tau)); ``loss="logit"`` maximizes the target logit
+    (``-mean_n z_{n, y_n}``). ``synthesize(targets)``: (N,) class indices (``None`` -> balanced). Works on
+    any classifier (no BatchNorm, no linear layer needed). The result's ``targets`` are (N,) long.
+
+    Shape: images (N, C, H, W) in [0, 1], targets (N,).
+    """
+
+    @dataclass
+    class Config(_PixelConfig):
+        loss: str = "ce"  # "ce" (one-hot CE at tau) or "logit" (logit maximization)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._check_config()
+        if self.config.loss not in ("ce", "logit"):
+            raise ValueError(f"class_impressions: loss must be 'ce' or 'logit', got {self.config.loss!r}")
+
+    def _make_targets(self, targets: torch.Tensor | None) -> torch.Tensor:
+        if targets is None:
+            return self.default_targets()
+        if targets.dim() != 1:
+            raise ValueError(f"class_impressions: targets must be (N,) class indices, got {tuple(targets.shape)}")
+        return targets.long()
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.config.loss == "logit":
+            return -logits.gather(1, targets.view(-1, 1)).float().mean()
+        return soft_target_ce(logits, F.one_hot(targets, self.num_classes).float(), self.config.temperature,
+                              backend=self.backend)

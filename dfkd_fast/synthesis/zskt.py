@@ -1,0 +1,158 @@
+"""ZSKT: Zero-shot Knowledge Transfer via Adversarial Belief Matching (Micaelli & Storkey, NeurIPS 2019).
+
+The generator is trained across ``synthesize`` calls to *maximize* the teacher-student disagreement on
+its images (fresh z ~ N(0, I) per step):
+
+.. math::
+    L_G = -adv \\cdot \\mathrm{KL}(\\mathrm{softmax}(t/T) \\| \\mathrm{softmax}(s/T)) \\, T^2
+
+with t, s the logits of the frozen teacher and of the *real* student (required; never the teacher). The
+student then takes ``n_s`` steps on the returned batches with :meth:`ZSKT.student_loss`: KD plus the
+attention-transfer term between paired teacher/student layers,
+
+.. math::
+    L_S = \\mathrm{KL}(t\\|s) + \\beta \\sum_l \\operatorname{mean}\\Big(\\frac{a^S_l}{\\|a^S_l\\|_2}
+          - \\frac{a^T_l}{\\|a^T_l\\|_2}\\Big)^2, \\qquad a_l = \\tfrac{1}{C_l}\\textstyle\\sum_c A_{l,c}^2
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfkd_fast import ops
+from dfkd_fast.synthesis._generator_common import PersistentGeneratorSynthesizer, eval_mode
+from dfkd_fast.synthesis.base import SynthesisConfig, register
+
+__all__ = ["ZSKT", "attention_map", "attention_transfer_loss"]
+
+
+def attention_map(feat: torch.Tensor) -> torch.Tensor:
+    """Normalized spatial attention of a feature map: mean over channels of A^2, flattened, L2-normalized.
+
+    Shape: (N, C, H, W) -> (N, H*W).
+    """
+    if feat.dim() != 4:
+        raise ValueError(f"attention_map: feature must be (N, C, H, W), got {tuple(feat.shape)}")
+    return F.normalize(feat.float().pow(2).mean(1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(student_feats: Sequence[torch.Tensor],
+                            teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over layer pairs of mean((att(s) - att(t))^2) (Zagoruyko & Komodakis, as used by ZSKT).
+
+    Shape: two equally long lists of (N, C_l, H_l, W_l) maps (student and teacher C_l may differ) -> scalar.
+    """
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(f"attention_transfer_loss: need equally many (>= 1) student and teacher maps, got "
+                         f"{len(student_feats)} and {len(teacher_feats)}")
+    total = student_feats[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student_feats, teacher_feats):
+        if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
+            raise ValueError(f"attention_transfer_loss: paired maps need the same N, H, W, got {tuple(s.shape)} "
+                             f"and {tuple(t.shape)}; pair layers of equal resolution")
+        total = total + (attention_map(s) - attention_map(t)).pow(2).mean()
+    return total
+
+
+class _OutputCapture:
+    """Forward hooks keeping the outputs of the named submodules of ``model`` (in the given order)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], role: str) -> None:
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"zskt: {role} has no submodule(s) {missing} named in at_layers; "
+                             f"choose among: {[n for n in modules if n][:20]}")
+        self.outputs: list[torch.Tensor | None] = [None] * len(names)
+        self.handles = [modules[n].register_forward_hook(self._hook(i)) for i, n in enumerate(names)]
+
+    def _hook(self, i: int) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            self.outputs[i] = out
+
+        return fn
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@register("zskt")
+class ZSKT(PersistentGeneratorSynthesizer):
+    """ZSKT adversarial generator (generator step) + :meth:`student_loss` (student step).
+
+    Raises:
+        ValueError: no ``student`` given (the adversarial term needs the real student).
+    """
+
+    @dataclass
+    class Config(SynthesisConfig):
+        """ZSKT hyper-parameters (published: latent 100, Adam lr 1e-3, n_g 1, n_s 10, beta 250).
+
+        Attributes:
+            iterations: generator updates per ``synthesize`` call (ZSKT's n_g = 1).
+            n_s: student steps per generator step in the paper's loop (used by the distillation task).
+            nz, ngf: generator latent size and width. lr_g, betas: generator Adam.
+            adv: weight of the adversarial -KL term. T: KD temperature of both KL terms.
+            beta: attention-transfer weight in :meth:`ZSKT.student_loss`.
+            at_layers: (teacher_module_name, student_module_name) pairs for attention transfer
+                (empty: KD only).
+        """
+
+        iterations: int = 1
+        n_s: int = 10
+        nz: int = 100
+        ngf: int = 64
+        lr_g: float = 1e-3
+        betas: tuple[float, float] = (0.9, 0.999)
+        adv: float = 1.0
+        T: float = 1.0
+        beta: float = 250.0
+        at_layers: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.students:
+            raise ValueError("zskt: the generator is adversarial to the student, so a student is required; "
+                             "pass student=<the nn.Module being distilled> (never the teacher)")
+        if self.config.T <= 0:
+            raise ValueError(f"zskt: T must be > 0, got {self.config.T}")
+
+    def _generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xn = self.normalize(x)
+        t_logits = self.teacher(xn).float()
+        kl = sum(ops.kd_kl_div(s(xn), t_logits, self.config.T, backend=self.backend) for s in self.students)
+        return -self.config.adv * kl / len(self.students), t_logits
+
+    def student_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """ZSKT's student objective on a batch: KL(t || s) T^2 + beta * attention transfer over ``at_layers``.
+
+        The student keeps its current train/eval mode; gradients flow into the student only.
+
+        Shape: images (N, C, H, W) in [0, 1] -> scalar.
+        """
+        if len(self.students) != 1:
+            raise ValueError("zskt.student_loss: needs exactly one student module, got an ensemble")
+        cfg = self.config
+        student = self.students[0]
+        xn = self.normalize(images.to(self.device))
+        t_names = [p[0] for p in cfg.at_layers]
+        s_names = [p[1] for p in cfg.at_layers]
+        t_cap = _OutputCapture(self.teacher, t_names, "the teacher")
+        s_cap = _OutputCapture(student, s_names, "the student")
+        try:
+            with torch.no_grad(), eval_mode([self.teacher]):
+                t_logits = self.teacher(xn)
+            s_logits = student(xn)
+        finally:
+            t_cap.remove()
+            s_cap.remove()
+        loss = ops.kd_kl_div(s_logits, t_logits, cfg.T, backend=self.backend)
+        if cfg.at_layers and cfg.beta != 0:
+            loss = loss + cfg.beta * attention_transfer_loss(s_cap.outputs, t_cap.outputs)
+        return loss

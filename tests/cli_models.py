@@ -1,0 +1,23 @@
+"""Tiny user models for the CLI / runner / distill tests, loaded by ``module:factory`` spec (tests/ on sys.path)."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def tiny_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> nn.Module:
+    """BN-free conv net: (N, C, S, S) -> (N, K)."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(64, num_classes))
+
+
+def tiny_student(num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> nn.Module:
+    """Smaller BN-free student."""
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * (image_size // 2) ** 2, num_classes))
+
+
+def tiny_bn_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> nn.Module:
+    """Conv net with BatchNorm."""
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, num_classes))
