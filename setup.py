@@ -43,7 +43,8 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError as e:  # torch is a build requirement; install it first (see README)
-        warnings.warn(f"dfkd_fast: torch not importable at build time ({e}); building without the extension")
+        warnings.warn(f"dfkd_fast: torch not importable at build time ({e}); building without the extension",
+                      stacklevel=1)
         info["reason"] = f"torch not importable at build time: {e}"
         return [], {}, info
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
@@ -52,7 +53,8 @@ def _extensions():
         os.environ.get("DFKD_FAST_FORCE_CUDA", "0") == "1" or (torch.version.cuda is not None and CUDA_HOME)
     )
     if cuda_sources and not want_cuda:
-        warnings.warn("dfkd_fast: no CUDA toolkit / CUDA build of torch; compiling the C++ CPU kernels only")
+        warnings.warn("dfkd_fast: no CUDA toolkit / CUDA build of torch; compiling the C++ CPU kernels only",
+                      stacklevel=1)
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
     arch = os.environ.get("DFKD_FAST_CPU_ARCH", "native")
     if arch:
@@ -88,7 +90,8 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately unpinned beyond a floor: an installed torch==2.13.0 satisfies it and nothing
     # is replaced. Install with --no-build-isolation.
-    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy", "tqdm", "matplotlib", "pillow", "safetensors"],
+    install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux'", "numpy", "tqdm", "matplotlib",
+                      "pillow", "safetensors"],
     extras_require={
         "data": ["mlxtend", "scikit-learn", "scikit-image"],
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "mlxtend", "scikit-learn", "scikit-image"],

@@ -64,7 +64,7 @@ def eager_kd(student: torch.Tensor, teacher: torch.Tensor, T: float = 4.0) -> to
 
 def eager_bn_hooks(feats: list[torch.Tensor], rms: list[torch.Tensor], rvs: list[torch.Tensor]) -> torch.Tensor:
     total = 0.0
-    for x, rm, rv in zip(feats, rms, rvs):  # DeepInversionFeatureHook.hook_fn, one layer at a time
+    for x, rm, rv in zip(feats, rms, rvs, strict=False):  # DeepInversionFeatureHook.hook_fn, one layer at a time
         nch = x.shape[1]
         mean = x.mean([0, 2, 3])
         var = x.permute(1, 0, 2, 3).contiguous().view([nch, -1]).var(1, unbiased=False)
@@ -95,7 +95,7 @@ def eager_crop_flip(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, ou
 def resnet34_bn_shapes(batch: int, hw: int = 32) -> list[tuple[int, int, int, int]]:
     """All BN inputs of a CIFAR ResNet-34 (BasicBlock [3, 4, 6, 3], widths 64-512, 1x1-conv+BN shortcuts)."""
     shapes = [(batch, 64, hw, hw)]
-    for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+    for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512), strict=False)):
         s = hw >> stage
         shapes += [(batch, width, s, s)] * (2 * blocks + (1 if stage > 0 else 0))
     return shapes

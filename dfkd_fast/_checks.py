@@ -50,5 +50,5 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, na: str, nb: str, op: str
 def check_same_device(tensors: Sequence[torch.Tensor], names: Sequence[str], op: str) -> None:
     devs = {t.device for t in tensors}
     if len(devs) > 1:
-        desc = ", ".join(f"{n}:{t.device}" for n, t in zip(names, tensors))
+        desc = ", ".join(f"{n}:{t.device}" for n, t in zip(names, tensors, strict=False))
         raise ValueError(f"{op}: all inputs must be on one device, got {desc}")

@@ -212,7 +212,7 @@ def all_gather_rows(t: torch.Tensor, group: Any = None) -> torch.Tensor:
     padded = t if t.shape[0] == m else torch.cat([t, t.new_zeros((m - t.shape[0], *t.shape[1:]))])
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded, group=group)
-    return torch.cat([o[:c] for o, c in zip(out, counts)])
+    return torch.cat([o[:c] for o, c in zip(out, counts, strict=False)])
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor], group: Any = None) -> None:
@@ -482,7 +482,8 @@ def run_distributed_synthesis(synth: Any, out: str, num_images: int, *, ctx: Dis
         logits = res.teacher_logits[:take].detach().float()
         probs = logits.softmax(1)
         conf, top1 = probs.max(1)
-        stats["hist"] = [int(a + c) for a, c in zip(stats["hist"], torch.bincount(top1.cpu(), minlength=k).tolist())]
+        counts = torch.bincount(top1.cpu(), minlength=k).tolist()
+        stats["hist"] = [int(a + c) for a, c in zip(stats["hist"], counts, strict=True)]
         stats["conf_sum"] = float(stats["conf_sum"]) + float(conf.sum())
         stats["seconds"] = float(stats["seconds"]) + float(res.seconds)
         stats["images"] = int(stats["images"]) + take

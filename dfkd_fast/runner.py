@@ -207,7 +207,8 @@ def run_synthesis(synth: Any, out: str, num_images: int, *, meta: dict[str, Any]
         logits = res.teacher_logits[:take].detach().float()
         probs = logits.softmax(1)
         conf, top1 = probs.max(1)
-        stats["hist"] = [int(a + c) for a, c in zip(stats["hist"], torch.bincount(top1.cpu(), minlength=k).tolist())]
+        counts = torch.bincount(top1.cpu(), minlength=k).tolist()
+        stats["hist"] = [int(a + c) for a, c in zip(stats["hist"], counts, strict=True)]
         stats["conf_sum"] = float(stats["conf_sum"]) + float(conf.sum())
         stats["seconds"] = float(stats["seconds"]) + float(res.seconds)
         stats["images"] = int(stats["images"]) + take

@@ -12,7 +12,7 @@ from dfkd_fast.teachers import train_classifier
 SIZE = 16  # LeNet-5 works from 14x14 up; 16x16 keeps every test fast
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained(dataset: str, n: int, epochs: int) -> dict[str, torch.Tensor]:
     x, y = (digits if dataset == "digits" else mnist5k)("train", image_size=SIZE)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]  # the splits are class-sorted

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dfkd_fast.kernels.crop_flip import crop_flip_ref
 
 from dfkd_fast.augment import CropFlip, jitter_flip, sample_crop_boxes, sample_flips, sample_resized_crop_boxes
-from dfkd_fast.kernels.crop_flip import crop_flip_ref
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dfkd_fast.kernels.bn_stats import bn_stat_loss_ref, bn_stats_ref, channel_stats_ref, stat_loss_terms_ref
 
 from dfkd_fast import _backend, kernels
-from dfkd_fast.kernels.bn_stats import bn_stat_loss_ref, bn_stats_ref, channel_stats_ref, stat_loss_terms_ref
 from dfkd_fast.ops import bn_stat_loss, bn_stats, channel_stats
 
 CPP_OK, CPP_WHY = _backend.cpp_available("bn_stats_fwd")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dfkd_fast.kernels.crop_flip import crop_flip_ref
 
 from dfkd_fast import _backend, kernels
-from dfkd_fast.kernels.crop_flip import crop_flip_ref
 from dfkd_fast.ops import crop_flip
 
 _CPP_OK, _CPP_WHY = _backend.cpp_available("crop_flip_fwd")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dfkd_fast.kernels.dirichlet import class_similarity_ref
 
 from dfkd_fast import kernels
-from dfkd_fast.kernels.dirichlet import class_similarity_ref
 from dfkd_fast.ops import class_similarity, dirichlet_targets, soft_target_cross_entropy
 from dfkd_fast.ops.dirichlet import beta_mixture
 

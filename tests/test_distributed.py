@@ -178,7 +178,7 @@ def test_rank_plan_disjoint_and_complete():
         assert sum(p.images for p in plans) == n
         starts = [p.first_batch for p in plans]
         assert starts == sorted(starts) and plans[0].first_batch == 0
-        assert all(a.first_batch + a.batches == c.first_batch for a, c in zip(plans, plans[1:]))
+        assert all(a.first_batch + a.batches == c.first_batch for a, c in zip(plans, plans[1:], strict=False))
         assert all(p.images <= p.batches * b for p in plans)
     with pytest.raises(ValueError, match="num_images"):
         rank_plan(0, 2, 2)

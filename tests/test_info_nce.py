@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dfkd_fast.kernels.info_nce import info_nce_ref
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dfkd_fast import kernels
-from dfkd_fast.kernels.info_nce import info_nce_ref
 from dfkd_fast.ops import info_nce
 
 CASES = [  # (M, D, temperature)

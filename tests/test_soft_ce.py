@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dfkd_fast.kernels.soft_ce import kd_kl_div_fwd, kd_kl_div_ref, soft_target_cross_entropy_ref
 
 from dfkd_fast import _backend, kernels
-from dfkd_fast.kernels.soft_ce import kd_kl_div_fwd, kd_kl_div_ref, soft_target_cross_entropy_ref
 from dfkd_fast.ops import kd_kl_div, soft_target_cross_entropy
 
 HAS_CPP, CPP_WHY = _backend.cpp_available("soft_ce_fwd")
@@ -71,7 +71,7 @@ def test_values_and_grads_fp32(backend, kind, shape):
         rtol, atol = TOL[torch.float32]
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, ref_out.float(), rtol=rtol, atol=atol * max(1.0, ref_out.abs().max().item()))
-        for g, rg in zip(grads, ref_grads):
+        for g, rg in zip(grads, ref_grads, strict=False):
             assert g.dtype == torch.float32
             torch.testing.assert_close(g, rg.float(), rtol=rtol, atol=atol)
 
@@ -89,7 +89,7 @@ def test_extreme_temperatures_and_logits(backend, kind, temperature):
     ref_out, ref_grads = _run(kind, "ref", a.double(), b.double(), temperature, "mean")
     f32_out, f32_grads = _run(kind, "ref", a, b, temperature, "mean")
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
-    for got, f32, ref in zip((out, *grads), (f32_out, *f32_grads), (ref_out, *ref_grads)):
+    for got, f32, ref in zip((out, *grads), (f32_out, *f32_grads), (ref_out, *ref_grads), strict=False):
         err = (got.double() - ref).abs().max().item()
         f32_err = (f32.double() - ref).abs().max().item()
         assert err <= 2 * f32_err + 1e-6 * max(1.0, ref.abs().max().item()), (err, f32_err)
@@ -118,7 +118,7 @@ def test_low_precision_within_2x_of_eager(backend, kind, dtype):
     e_out, e_grads = eager(a, b)
     eps = torch.finfo(dtype).eps
     assert (out.double() - ref_out).abs().item() <= 2 * (e_out.double() - ref_out).abs().item() + eps
-    for g, eg, rg in zip(grads, e_grads, ref_grads):
+    for g, eg, rg in zip(grads, e_grads, ref_grads, strict=False):
         err = (g.double() - rg).abs().max().item()
         e_err = (eg.double() - rg).abs().max().item()
         assert err <= 2 * e_err + eps * rg.abs().max().item(), (err, e_err)
@@ -159,7 +159,7 @@ def test_triton_multi_tile_online_lse():
             x, y = a.to(dt).requires_grad_(), b.to(dt).requires_grad_()
             loss = ref_fn(x, y, temperature, "none")
             results.append((loss.detach(), *torch.autograd.grad(loss.sum(), [x, y])))
-        for g, ref, f32 in zip(got, *results):
+        for g, ref, f32 in zip(got, *results, strict=False):
             err = (g.double() - ref).abs().max().item()
             f32_err = (f32.double() - ref).abs().max().item()
             assert err <= 2 * f32_err + 1e-6 * max(1.0, ref.abs().max().item()), (kind, err, f32_err)

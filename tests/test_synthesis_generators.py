@@ -130,7 +130,7 @@ def test_zskt_generator_maximizes_disagreement():
     curve = _curve(synth, 12)
     assert all(v <= 0 for v in curve)  # -KL
     assert _mean(curve[-3:]) < _mean(curve[:3]), curve
-    for p, q in zip(student.parameters(), before):  # the generator step leaves the student untouched
+    for p, q in zip(student.parameters(), before, strict=False):  # the generator step leaves the student untouched
         assert p.grad is None
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert student.training  # mode restored
@@ -198,7 +198,8 @@ def test_cmi_loss_falls_within_batch_and_bank_keeps_pairs():
     local, global_ = synth.bank.entries()
     assert local.shape == (8, d) and global_.shape == (8, d)
     assert not torch.equal(local, global_)  # two different views of each image
-    assert any(not torch.equal(p, q) for p, q in zip(synth.head.parameters(), head_before))  # head trained
+    # the head trained
+    assert any(not torch.equal(p, q) for p, q in zip(synth.head.parameters(), head_before, strict=False))
     assert all(p.grad is None for p in student.parameters())
     res2 = synth.synthesize(torch.full((8,), 3))  # the second batch contrasts against the bank
     assert len(synth.bank) == 16 and synth.bank.n_updates == 2
@@ -242,7 +243,7 @@ def test_fast_meta_updates_meta_generator(meta):
     synth = _fast(meta=meta, lr_g=0.01, lr_z=0.05)
     before = [p.detach().clone() for p in synth.netG.parameters()]
     curve = _curve(synth, 10)
-    changed = [not torch.equal(p, q) for p, q in zip(synth.netG.parameters(), before)]
+    changed = [not torch.equal(p, q) for p, q in zip(synth.netG.parameters(), before, strict=False)]
     assert all(changed), changed
     assert _mean(curve[-3:]) < _mean(curve[:3]), curve
     assert synth.batches_done == 10
@@ -296,4 +297,5 @@ def test_fused_backend_runs_and_matches_torch_loss_curve(method):
         # same RNG stream, so only float rounding of the fused ops separates the curves
         torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-3, atol=1e-4)
     after = [ext.call_count(n) for n in names]
-    assert all(x > y for x, y in zip(after, before)), dict(zip(names, zip(before, after)))
+    counts = dict(zip(names, zip(before, after, strict=True), strict=True))
+    assert all(x > y for x, y in zip(after, before, strict=True)), counts

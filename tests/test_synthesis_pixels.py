@@ -247,9 +247,8 @@ def test_deep_inversion_soft_targets(bn_teacher):
 
 
 def test_deep_inversion_backend_parity(bn_teacher):
-    from dfkd_fast.synthesis.deep_inversion import DeepInversion
-
     from dfkd_fast import _backend
+    from dfkd_fast.synthesis.deep_inversion import DeepInversion
 
     ext = _backend.extension()
     fused = ext is not None and hasattr(ext, "bn_stats_fwd")  # the C++ BN-stats path (auto on CPU when built)

@@ -98,7 +98,7 @@ def eval_mode(modules: Iterable[nn.Module]) -> Iterator[None]:
 def grads_to(loss: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     """Set ``t.grad = d loss / d t`` for each tensor (``None`` -> zeros); nothing else receives gradients."""
     grads = torch.autograd.grad(loss, list(tensors), allow_unused=True)
-    for t, g in zip(tensors, grads):
+    for t, g in zip(tensors, grads, strict=False):
         t.grad = torch.zeros_like(t) if g is None else g
 
 
@@ -124,7 +124,7 @@ class BestTracker:
             return
         better = cost < self._best_loss
         self._best_loss = torch.where(better, cost, self._best_loss)
-        self.best = tuple(torch.where(better, n, b) for n, b in zip(new, self.best))
+        self.best = tuple(torch.where(better, n, b) for n, b in zip(new, self.best, strict=False))
 
     def losses(self) -> tuple[float, ...]:
         return tuple(torch.stack(self._history).tolist()) if self._history else ()

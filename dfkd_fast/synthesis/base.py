@@ -206,7 +206,7 @@ class Synthesizer:
         with torch.no_grad():
             was = [m.training for m in self.teacher.modules()]
             out = self.teacher(torch.zeros(2, c, h, w, device=self.device))
-            for m, t in zip(self.teacher.modules(), was):
+            for m, t in zip(self.teacher.modules(), was, strict=False):
                 m.train(t)
         if out.dim() != 2 or out.shape[1] != self.num_classes:
             raise ValueError(f"the teacher outputs shape {tuple(out.shape)} but num_classes={self.num_classes}; "

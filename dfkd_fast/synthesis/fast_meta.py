@@ -144,14 +144,14 @@ class FastMeta(Synthesizer):
                 opt.zero_grad(set_to_none=True)
                 grads_to(loss, [*fast_params, z])
                 if meta_grads is not None:
-                    for acc, p in zip(meta_grads, fast_params):
+                    for acc, p in zip(meta_grads, fast_params, strict=False):
                         acc.add_(p.grad)
                 opt.step()
             if cfg.bn_mmt > 0:
                 self._update_momentum(probe.layer_stats())
         self.meta_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for i, (p, q) in enumerate(zip(self.netG.parameters(), fast_params)):
+            for i, (p, q) in enumerate(zip(self.netG.parameters(), fast_params, strict=False)):
                 p.grad = meta_grads[i] if meta_grads is not None else (p - q).detach()
         if self.distributed:  # one meta generator across ranks: average the meta-gradients before the step
             from dfkd_fast.distributed import all_reduce_mean_
@@ -183,7 +183,7 @@ class FastMeta(Synthesizer):
             self.momentum_stats = new
         else:
             self.momentum_stats = [(beta * mb + (1 - beta) * m, beta * vb + (1 - beta) * v)
-                                   for (mb, vb), (m, v) in zip(self.momentum_stats, new)]
+                                   for (mb, vb), (m, v) in zip(self.momentum_stats, new, strict=False)]
 
     def state_dict(self) -> dict[str, Any]:
         """Base state + meta generator, meta Adam and the BN moving averages."""

@@ -51,7 +51,7 @@ def attention_transfer_loss(student_feats: Sequence[torch.Tensor],
         raise ValueError(f"attention_transfer_loss: need equally many (>= 1) student and teacher maps, got "
                          f"{len(student_feats)} and {len(teacher_feats)}")
     total = student_feats[0].new_zeros((), dtype=torch.float32)
-    for s, t in zip(student_feats, teacher_feats):
+    for s, t in zip(student_feats, teacher_feats, strict=False):
         if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
             raise ValueError(f"attention_transfer_loss: paired maps need the same N, H, W, got {tuple(s.shape)} "
                              f"and {tuple(t.shape)}; pair layers of equal resolution")

@@ -1,8 +1,7 @@
 """Downstream uses of a transfer set (SPEC §2): distillation first; robustness, UAP, UDA ... alongside."""
-from dfkd_fast.tasks.distill import DistillResult, distill, distill_online, evaluate_accuracy
-
 # ---- tasks engineer: robustness, UAP, source-free UDA, class-incremental, Impression Space ----
 from dfkd_fast.tasks.class_incremental import ClassIncrementalResult, class_incremental  # noqa: E402
+from dfkd_fast.tasks.distill import DistillResult, distill, distill_online, evaluate_accuracy
 from dfkd_fast.tasks.impression import (  # noqa: E402
     distill_on_selection,
     impression_select,

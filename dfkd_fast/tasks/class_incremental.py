@@ -56,7 +56,7 @@ def grow_classifier(model: nn.Module, num_new: int, seed: int = 0) -> nn.Module:
             grown.bias.zero_()
             grown.bias[:old.out_features] = old.bias
     grown = grown.to(old.weight.device)
-    for name, mod in new.named_modules():
+    for mod in new.modules():
         for cname, child in mod.named_children():
             if child is old:
                 setattr(mod, cname, grown)

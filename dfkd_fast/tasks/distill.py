@@ -87,7 +87,7 @@ def as_image_tensor(data: Any) -> torch.Tensor:
         x = data
     elif isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
         x = data[0]
-    elif hasattr(data, "images") and isinstance(getattr(data, "images"), torch.Tensor):
+    elif hasattr(data, "images") and isinstance(data.images, torch.Tensor):
         x = data.images
     elif hasattr(data, "__len__") and hasattr(data, "__getitem__"):
         if len(data) == 0:
