@@ -266,14 +266,19 @@ class FeatureProbe:
             self._stats = [None] * len(self.layers)
 
     def _make_hook(self, index: int):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if self._paused:
-                return
+                return None
             if not isinstance(output, torch.Tensor) or output.dim() < 2:
                 raise ValueError(f"FeatureProbe: layer {index} ({type(module).__name__}) must output an (N, C, ...) "
                                  "tensor")
             mean, var, _ = channel_stats(output, self.backend)
             self._stats[index] = (mean, var)
+            if torch.is_grad_enabled() and output.requires_grad:
+                # The fused backward re-reads this activation; conv outputs are often followed by an
+                # ``inplace=True`` activation, so the rest of the network gets a copy to modify.
+                return output.clone()
+            return None
 
         return hook
 

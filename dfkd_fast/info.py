@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform
@@ -20,19 +19,11 @@ __all__ = ["collect_info", "format_info", "main"]
 
 
 def _op_backends(op: str) -> dict[str, Any]:
-    mod_name = getattr(getattr(ops, op), "__module__", "").rsplit(".", 1)[-1]
-    try:
-        kmod = importlib.import_module(f"dfkd_fast.kernels.{mod_name}")
-    except ImportError:
-        kmod = None
-    has_triton_impl = kmod is not None and any(n.endswith("_fwd") and n.startswith(op) for n in dir(kmod))
-    ext = _backend.extension()
-    cpp_fns = sorted(n for n in dir(ext) if n.startswith(op)) if ext is not None else []
-    cpu = torch.device("cpu")
-    cpp_name = cpp_fns[0] if cpp_fns else None
-    auto_cpu = _backend.resolve(op, "auto", cpu, triton=has_triton_impl, cpp=cpp_name)
-    auto_cuda = "triton" if has_triton_impl and kernels.HAS_TRITON else "torch"
-    return {"torch": True, "triton": bool(has_triton_impl and kernels.HAS_TRITON), "cpp": bool(cpp_fns),
+    has_triton, cpp_fn = ops.OP_BACKENDS[op]
+    cpp_ok = cpp_fn is not None and _backend.cpp_available(cpp_fn)[0]
+    auto_cpu = _backend.resolve(op, "auto", torch.device("cpu"), triton=has_triton, cpp=cpp_fn)
+    auto_cuda = "triton" if has_triton and kernels.HAS_TRITON else "torch"
+    return {"torch": True, "triton": bool(has_triton and kernels.HAS_TRITON), "cpp": bool(cpp_ok),
             "auto_cpu": auto_cpu, "auto_cuda": auto_cuda if torch.cuda.is_available() else "n/a (no CUDA)"}
 
 

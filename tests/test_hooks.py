@@ -225,3 +225,22 @@ def test_feature_probe_code(backend):
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="no module"):
         FeatureProbe(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_probe_survives_inplace_activations(backend):
+    """Conv -> ReLU(inplace=True): the fused backward re-reads the conv output, which the ReLU must not clobber."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 3, 3), nn.ReLU(inplace=True)).double()
+    ref_net = nn.Sequential(*[nn.ReLU(inplace=False) if isinstance(m, nn.ReLU) else m for m in net])
+    x = torch.randn(2, 1, 9, 9, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    net, ref_net = net.to(dtype), ref_net.to(dtype)
+    probe = FeatureProbe(net, backend=backend)
+    net(x.to(dtype))
+    probe.code().sum().backward()
+    ref = FeatureProbe(ref_net, backend="torch")
+    ref_net(x_ref.to(dtype))
+    ref.code().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)

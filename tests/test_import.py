@@ -35,3 +35,15 @@ def test_backend_resolution_errors():
     with pytest.raises(RuntimeError, match="no cpp implementation"):
         resolve("op", "cpp", torch.device("cpu"), cpp=None)
     assert resolve("op", "torch", torch.device("cpu")) == "torch"
+
+
+def test_every_public_op_declares_its_backends():
+    from dfkd_fast import ops
+
+    assert set(ops.OP_BACKENDS) == set(ops.__all__)
+    for name, (_, cpp_fn) in ops.OP_BACKENDS.items():
+        if cpp_fn is not None:
+            from dfkd_fast._backend import extension
+
+            ext = extension()
+            assert ext is None or hasattr(ext, cpp_fn), f"{name}: dfkd_fast._C lacks {cpp_fn}"

@@ -36,17 +36,13 @@ def template_space(template_model: nn.Module, image_shape: Sequence[int], *, mea
                    seed: int = 0, batch_size: int = 32, backend: str = "auto") -> Any:
     """An :class:`~dfkd_fast.synthesis.ImpressionSpace` over ``template_model`` for (C, H, W) images.
 
-    The space holds a frozen copy of the template whose in-place activations are made out-of-place: the probed
-    conv outputs are kept for the backward pass, and an ``inplace=True`` ReLU would overwrite them.
+    The space holds a frozen copy of the template (the caller's model keeps its trainable parameters).
     """
     import copy
 
     from dfkd_fast.synthesis import ImpressionSpace
 
     template_model = copy.deepcopy(template_model)
-    for m in template_model.modules():
-        if getattr(m, "inplace", False) is True:
-            m.inplace = False
     c, h, w = (int(s) for s in image_shape)
     dev = model_device(template_model)
     k = num_outputs(NormalizedModel(template_model, mean, std), torch.zeros(1, c, h, w, device=dev))
