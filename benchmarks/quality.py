@@ -49,8 +49,8 @@ def _log(msg: str) -> None:
 
 def _kd(student: torch.nn.Module, teacher: torch.nn.Module, images: torch.Tensor, test: tuple, p: dict,
         seed: int) -> float:
-    res = distill(student, teacher, images, epochs=p["kd_epochs"], lr=0.01, T=20.0, batch_size=64, test_data=test,
-                  augment=False, progress=False, curves=False, seed=seed)
+    res = distill(student, teacher, images, epochs=p["kd_epochs"], lr=0.02, T=4.0, batch_size=64, test_data=test,
+                  augment="crop", progress=False, curves=False, seed=seed)
     return res.final_acc
 
 
@@ -59,7 +59,7 @@ def _synthesize(method: str, teacher: torch.nn.Module, n: int, p: dict, seed: in
 
     if method in ("data_impressions", "class_impressions"):
         imgs, _, secs = synthesize_impressions(teacher, n, (1, 32, 32), method=method, batch_size=100,
-                                               iterations=p["di_iterations"], lr=0.05, seed=seed)
+                                               iterations=p["di_iterations"], lr=0.05, init_scale=0.1, seed=seed)
         return imgs, secs
     hp: dict[str, Any] = {
         "deep_inversion": {"iterations": p["iterations"], "adv": 0.0, "first_bn_multiplier": 1.0},
@@ -197,7 +197,8 @@ def to_markdown(res: dict) -> str:
     out = [f"# Quality benchmark (MNIST-5k, CPU) {'[--quick]' if res['quick'] else ''}", "",
            f"command: `{res['command']}`  ", f"date: {res['date']}  ", f"versions: {res['versions']}  ",
            f"sizes: MNIST-5k 4,000 train / 1,000 test; transfer sets of {p['num_images']} images each; "
-           f"KD {p['kd_epochs']} epochs (SGD lr 0.01, T 20, batch 64)  ", f"total: {res.get('total_s', 0):.0f} s", ""]
+           f"KD {p['kd_epochs']} epochs (SGD lr 0.02, T 4, batch 64, pad-crop)  ",
+           f"total: {res.get('total_s', 0):.0f} s", ""]
     if "teachers" in res:
         t = res["teachers"]
         out += [f"teachers: LeNet-5 {_pct(t['lenet5'])}%, LeNet-5-BN {_pct(t['lenet5_bn'])}%",

@@ -478,15 +478,7 @@ def run_distributed_synthesis(synth: Any, out: str, num_images: int, *, ctx: Dis
         if n >= plan.images:  # filler batch of a finished rank: keeps the collectives in lockstep, not written
             continue
         take = min(bs, plan.images - n)
-        images = res.images[:take].detach()
-        logits = res.teacher_logits[:take].detach().float()
-        probs = logits.softmax(1)
-        conf, top1 = probs.max(1)
-        counts = torch.bincount(top1.cpu(), minlength=k).tolist()
-        stats["hist"] = [int(a + c) for a, c in zip(stats["hist"], counts, strict=True)]
-        stats["conf_sum"] = float(stats["conf_sum"]) + float(conf.sum())
-        stats["seconds"] = float(stats["seconds"]) + float(res.seconds)
-        stats["images"] = int(stats["images"]) + take
+        images, logits, probs = runner.record_batch(stats, res, take, k)
         session_images += take
         session_seconds += float(res.seconds)
         if ctx.is_main and preview and not os.path.exists(preview_path):

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dfkd_fast.ops.bn_stats import bn_stat_loss_from_stats, channel_stats
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["BNStatHook", "DeepInversionHook", "TeacherProbe", "FeatureProbe"]
 
@@ -100,7 +104,36 @@ class BNStatHook:
 DeepInversionHook = BNStatHook
 
 
-class TeacherProbe:
+class _Probe:
+    """Shared hook bookkeeping of the probes: ``paused()``, ``remove()``, context manager."""
+
+    _paused: bool
+    _handles: list
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[Self]:
+        """Forwards inside this block are not captured (and do not clear the captured stats)."""
+        prev = self._paused
+        self._paused = True
+        try:
+            yield self
+        finally:
+            self._paused = prev
+
+    def remove(self) -> None:
+        """Remove every hook from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class TeacherProbe(_Probe):
     """Capture every BatchNorm input of a teacher in one forward; fused BN-prior loss and instance features.
 
     Each BN input gets ONE stats pass (:func:`dfkd_fast.ops.channel_stats`) that yields the channel mean, the
@@ -209,30 +242,9 @@ class TeacherProbe:
         """Current moving averages per layer (None before the first :meth:`update_momentum`)."""
         return list(self._mmt)
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[TeacherProbe]:
-        """Forwards inside this block are not captured (and do not clear the captured stats)."""
-        prev = self._paused
-        self._paused = True
-        try:
-            yield self
-        finally:
-            self._paused = prev
-
-    def remove(self) -> None:
-        """Remove every hook from the model."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> TeacherProbe:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
-class FeatureProbe:
+class FeatureProbe(_Probe):
     """Per-layer [mu, var] of module outputs of any network: the Impression-Space code.
 
     Args:
@@ -294,24 +306,3 @@ class FeatureProbe:
         """Concatenated [mu_l, var_l] over layers (Impression-Space code). Shape: (sum_l 2 C_l,)."""
         return torch.cat([t for s in self.layer_stats() for t in s])
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[FeatureProbe]:
-        """Forwards inside this block are not captured."""
-        prev = self._paused
-        self._paused = True
-        try:
-            yield self
-        finally:
-            self._paused = prev
-
-    def remove(self) -> None:
-        """Remove every hook from the model."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> FeatureProbe:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()

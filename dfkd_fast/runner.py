@@ -56,6 +56,22 @@ class SynthesisSummary:
                 f"mean teacher confidence {self.mean_confidence:.4f}\nclass histogram (teacher top-1): {hist}")
 
 
+def record_batch(stats: dict[str, Any], res: Any, take: int, k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Add the first ``take`` images of a :class:`SynthesisResult` to the run statistics (class histogram of the
+    teacher's top-1, confidence sum, synthesis seconds, image count) and return (images, logits, probs) of them."""
+    images = res.images[:take].detach()
+    logits = res.teacher_logits[:take].detach().float()
+    probs = logits.softmax(1)
+    conf, top1 = probs.max(1)
+    counts = torch.bincount(top1.cpu(), minlength=k).tolist()
+    stats["hist"] = [int(a + c) for a, c in zip(stats["hist"], counts, strict=True)]
+    stats["conf_sum"] = float(stats["conf_sum"]) + float(conf.sum())
+    stats["seconds"] = float(stats["seconds"]) + float(res.seconds)
+    stats["images"] = int(stats["images"]) + take
+    return images, logits, probs
+
+
 def batch_seed(seed: int, index: int, rank: int = 0) -> int:
     """A 63-bit seed for batch ``index`` of rank ``rank`` of a run seeded with ``seed`` (SeedSequence mix)."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), int(index)]).generate_state(2, np.uint32)
@@ -203,15 +219,7 @@ def run_synthesis(synth: Any, out: str, num_images: int, *, meta: dict[str, Any]
         torch.manual_seed(bseed)
         res = synth.synthesize()
         take = min(bs, num_images - n)
-        images = res.images[:take].detach()
-        logits = res.teacher_logits[:take].detach().float()
-        probs = logits.softmax(1)
-        conf, top1 = probs.max(1)
-        counts = torch.bincount(top1.cpu(), minlength=k).tolist()
-        stats["hist"] = [int(a + c) for a, c in zip(stats["hist"], counts, strict=True)]
-        stats["conf_sum"] = float(stats["conf_sum"]) + float(conf.sum())
-        stats["seconds"] = float(stats["seconds"]) + float(res.seconds)
-        stats["images"] = int(stats["images"]) + take
+        images, logits, probs = record_batch(stats, res, take, k)
         if preview and not os.path.exists(preview_path):
             _save_preview(images[:preview], probs[:preview], preview_path)
         writer.add(images, logits, res.targets[:take].detach(), seed=bseed)

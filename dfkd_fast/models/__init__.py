@@ -21,6 +21,7 @@ from dfkd_fast.models.vgg import VGG, vgg11_bn
 from dfkd_fast.models.wrn import WideResNet, wrn16_1, wrn16_2, wrn40_1, wrn40_2
 
 __all__ = ["build_model", "list_models", "load_model", "load_state_dict_file", "save_model", "classifier_weight",
+           "last_linear",
            "Generator", "DCGANGenerator", "LeNet5", "ResNet", "BasicBlock", "WideResNet", "VGG", "MODELS"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -207,17 +208,22 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
             os.remove(tmp)
 
 
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The last ``nn.Linear`` registered in ``model`` (the classifier of every zoo model)."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer; a model whose last nn.Linear maps "
+                         "features to logits is needed (or pass the final layer's weight (K, F) explicitly)")
+    return last
+
+
 def classifier_weight(model: nn.Module) -> torch.Tensor:
     """Weight (K, F) of the last ``nn.Linear`` registered in ``model`` (the classifier of every zoo model).
 
     Shape:
         returns (K, F); used by Data Impressions' class similarity C = W W^T / (|w_i| |w_j|).
     """
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        raise ValueError(f"classifier_weight: {type(model).__name__} has no nn.Linear layer; pass the final "
-                         "layer's weight (K, F) explicitly")
-    return last.weight
+    return last_linear(model).weight

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd_fast.models import DCGANGenerator, Generator
+from dfkd_fast.models import DCGANGenerator, Generator, last_linear
 from dfkd_fast.synthesis.base import SynthesisResult, Synthesizer
 
 
@@ -130,23 +130,15 @@ class BestTracker:
         return tuple(torch.stack(self._history).tolist()) if self._history else ()
 
 
-def last_linear(model: nn.Module) -> nn.Linear | None:
-    """The last ``nn.Linear`` registered in ``model`` (its classifier), or ``None``."""
-    found = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            found = m
-    return found
-
-
 class PenultimateProbe:
     """Captures the input of the teacher's final ``nn.Linear`` on each forward (flattened to (N, F))."""
 
     def __init__(self, model: nn.Module, method: str) -> None:
-        layer = last_linear(model)
-        if layer is None:
+        try:
+            layer = last_linear(model)
+        except ValueError as e:
             raise ValueError(f"{method}: the activation term needs the teacher's penultimate features, but the "
-                             "teacher has no nn.Linear classifier; set act=0 to disable the term")
+                             "teacher has no nn.Linear classifier; set act=0 to disable the term") from e
         self.features: torch.Tensor | None = None
         self._handle = layer.register_forward_pre_hook(self._hook)
 

@@ -25,7 +25,6 @@ from dfkd_fast.synthesis._generator_common import (
     PenultimateProbe,
     PersistentGeneratorSynthesizer,
     information_entropy,
-    last_linear,
 )
 from dfkd_fast.synthesis.base import SynthesisConfig, register
 
@@ -63,9 +62,8 @@ class DAFL(PersistentGeneratorSynthesizer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.config.act != 0 and last_linear(self.teacher) is None:
-            raise ValueError("dafl: the activation term needs the teacher's penultimate features, but the teacher "
-                             "has no nn.Linear classifier; set act=0 to disable the term")
+        if self.config.act != 0:
+            PenultimateProbe(self.teacher, "dafl").remove()  # raises a clear error when there is no classifier
 
     def _synthesis_context(self) -> contextlib.AbstractContextManager:
         if self.config.act == 0:

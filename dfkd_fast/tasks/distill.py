@@ -245,7 +245,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 # ----------------------------------------------------------------------------- offline
 def distill(student: nn.Module, teacher: nn.Module, transfer_set_or_tensors: Any, epochs: int = 20,
-            lr: float = 0.1, T: float = 20.0, *, batch_size: int = 128, momentum: float = 0.9,
+            lr: float = 0.01, T: float = 4.0, *, batch_size: int = 128, momentum: float = 0.9,
             weight_decay: float = 5e-4, schedule: str = "cosine", milestones: Sequence[float] = (0.5, 0.75),
             gamma: float = 0.1, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
             augment: bool | str = False, test_data: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -259,7 +259,10 @@ def distill(student: nn.Module, teacher: nn.Module, transfer_set_or_tensors: Any
         student, teacher: classifiers taking normalized images; the teacher is frozen (eval mode).
         transfer_set_or_tensors: a ``TransferSet``, any Dataset of images, an image tensor or (images, ...).
             Images in [0, 1] (uint8 is scaled); the teacher's logits are recomputed on each (augmented) batch.
-        epochs, lr, T: KD epochs, SGD learning rate, temperature (loss scaled by T^2).
+        epochs, lr, T: KD epochs, SGD learning rate, temperature (loss scaled by T^2). Defaults lr 0.01, T 4
+            (not the CIFAR lr 0.1, T 20 of the papers): measured on LeNet-5-half (no BatchNorm) on MNIST, SGD at
+            lr 0.05 diverged at T 4 and T 20 and lr 0.02 (T 4, 30 epochs) once diverged on the 4,000 real
+            images; T 4 beat T 20 on Data Impressions (79% vs 65%, 600 images); lr 0.005 under-trained.
         schedule: ``"cosine"`` (per step, to 0), ``"step"`` (x ``gamma`` at ``milestones`` fractions) or
             ``"constant"``.
         mean, std: the input normalization of both models.
