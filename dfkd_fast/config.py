@@ -61,6 +61,12 @@ class SynthesizeConfig:
     store: str = _f("uint8", "image storage: uint8 or fp16")
     preview: int = _f(64, "images in the PNG grid preview (0: none)")
     distributed: bool = _f(False, "multi-process synthesis: run under torchrun, one rank per process (NCCL/gloo)")
+    student: str | None = _f(None, "student for the adversarial / competition terms (zoo name or "
+                                   "'package.module:factory'); required by zskt, optional for cmi, dfq, fast_meta, "
+                                   "deep_inversion")
+    student_weights: str | None = _f(None, "weights of --student (optional; default: freshly initialized)")
+    reference_images: str | None = _f(None, "impression_space: images whose impression code is synthesized "
+                                            "(a folder of PNG/JPEG files or a transfer-set directory)")
     opt: list[str] = _f(help="method option key=value (repeatable)", default_factory=list)
 
 

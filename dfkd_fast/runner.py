@@ -120,6 +120,41 @@ def load_teacher(spec: str, weights: str | None, num_classes: int, image_size: t
     return model
 
 
+def load_reference_images(path: str, image_size: tuple[int, int, int]) -> torch.Tensor:
+    """Images in [0, 1] resized to ``image_size`` from a transfer-set directory or a folder of PNG/JPEG files.
+
+    Shape: -> (M, C, H, W) float32.
+    """
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    c, h, w = image_size
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--reference-images: directory {path!r} not found")
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        from dfkd_fast.transfer_set import TransferSet
+
+        x = TransferSet(path).images().float()
+    else:
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs
+                       if f.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not files:
+            raise ValueError(f"--reference-images: no PNG/JPEG files under {path!r}")
+        mode = "L" if c == 1 else "RGB"
+        imgs = []
+        for f in files:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert(mode).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+            imgs.append(torch.from_numpy(a.reshape(h, w, -1)).permute(2, 0, 1))
+        x = torch.stack(imgs)
+    if x.shape[1] != c:
+        raise ValueError(f"--reference-images have {x.shape[1]} channels but --image-size has {c}")
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(0, 1)
+
+
 def _method_class(name: str) -> type:
     import dfkd_fast.synthesis as synthesis
 
@@ -152,9 +187,28 @@ def build_from_config(cfg: SynthesizeConfig, method_options: dict[str, Any] | No
     mean, std = parse_floats(cfg.mean, "mean"), parse_floats(cfg.std, "std")
     device = resolve_device(cfg.device)
     teacher = load_teacher(cfg.teacher, cfg.weights, cfg.num_classes, image_size, device)
+    student = None
+    if cfg.student is not None:
+        if cfg.student_weights is not None and not os.path.isfile(cfg.student_weights):
+            raise FileNotFoundError(f"--student-weights: file {cfg.student_weights!r} not found")
+        from dfkd_fast.models import load_model
+
+        c, h, _ = image_size
+        student = load_model(cfg.student, weights=cfg.student_weights, num_classes=cfg.num_classes, in_channels=c,
+                             image_size=h).to(device)
+    elif cfg.student_weights is not None:
+        raise ValueError("--student-weights needs --student (the student's architecture)")
+    extra: dict[str, Any] = {}
+    if cfg.reference_images is not None:
+        if cls.name != "impression_space":
+            raise ValueError(f"--reference-images is an option of impression_space, not of {cfg.method!r}")
+        extra["reference_images"] = load_reference_images(cfg.reference_images, image_size).to(device)
+    elif cls.name == "impression_space":
+        raise ValueError("impression_space synthesizes the impression of given images: pass --reference-images "
+                         "(a folder of PNG/JPEG files or a transfer-set directory)")
     synth = synthesis.build_synthesizer(cfg.method, teacher, cfg.num_classes, image_size, batch_size=cfg.batch_size,
                                         mean=mean, std=std, device=device, backend=cfg.backend, seed=cfg.seed,
-                                        **opts)
+                                        student=student, **opts, **extra)
     return teacher, synth, image_size
 
 
