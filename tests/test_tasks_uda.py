@@ -12,7 +12,9 @@ from dfkd_fast.tasks.source_free_uda import Discriminator, source_free_uda
 @pytest.mark.parametrize("src, tgt, n", [("digits", "mnist", 1438), ("mnist", "digits", 1500)])
 def test_uda_improves_target_accuracy(src, tgt, n):
     model = tiny_model(src, n)
-    imp, _, _ = synthesize_impressions(model, 200, (1, 16, 16), iterations=60, seed=0)
+    # the published start (U[0, 1] noise): with the dim start that is the default for KD, the digits -> MNIST
+    # gain of this tiny 16x16 setup disappears (measured: 30.75% -> 31.25%)
+    imp, _, _ = synthesize_impressions(model, 200, (1, 16, 16), iterations=60, seed=0, init_scale=1.0)
     xt, _ = data(tgt, "train", 1000)
     test = data(tgt, "test", 400)
     r = source_free_uda(model, imp, xt, test, steps=100, seed=0)
