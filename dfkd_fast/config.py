@@ -103,7 +103,7 @@ class DemoConfig:
     """``dfkd-fast demo``: MNIST-5k teacher -> Data Impressions -> LeNet-5-half student, in minutes on a CPU."""
 
     out: str = _f("runs/demo", "output directory")
-    num_images: int = _f(2400, "number of Data Impressions to synthesize")
+    num_images: int = _f(12000, "number of Data Impressions to synthesize")
     iterations: int = _f(150, "Adam steps per impression batch")
     lr: float = _f(0.05, "initial Adam learning rate of the [0, 1] impression pixels (linear decay to 0)")
     init_scale: float = _f(0.1, "impressions start from U[0, init_scale] noise (dim: MNIST inputs are mostly black)")

@@ -2,7 +2,7 @@
 
 1. LeNet-5 teacher trained once on the fixed 4,000-image MNIST-5k train split, then cached.
 2. Data Impressions (ZSKD; no BatchNorm needed) synthesized from the teacher alone, written as a
-   transfer set with a preview grid. Defaults (``DemoConfig``): 2,400 impressions, 150 Adam steps at lr 0.05
+   transfer set with a preview grid. Defaults (``DemoConfig``): 12,000 impressions, 150 Adam steps at lr 0.05
    from dim U[0, 0.1] noise (the published lr 10 from U[0, 1] saturates [0, 1] pixels; see
    ``dfkd_fast.synthesis.data_impressions``), then KD with SGD lr 0.01, T 4, 30 epochs, pad-crop.
 3. LeNet-5-half distilled from the impressions (data-free) and, for reference, from the 4,000 real images.
