@@ -66,44 +66,40 @@ def _reduce(loss: torch.Tensor, reduction: str, scale: float) -> torch.Tensor:
     return loss if reduction == "none" else loss.sum() * scale
 
 
-class SoftTargetCrossEntropyFunction(torch.autograd.Function):
+class _FusedSoftLoss(torch.autograd.Function):
+    """Fused row loss of (a, b); gradients w.r.t. a and (if required) b are computed in forward and saved."""
+
+    KIND: str = ""
+    OP: str = ""
+    NAMES: tuple[str, str] = ("", "")
+
+    @classmethod
+    def forward(cls, ctx, a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str,
+                backend: str) -> torch.Tensor:
+        scale = _k.reduction_scale(reduction, a.shape[0], cls.OP)
+        loss, ga, gb = _fused(backend, cls.KIND, a, b, temperature, scale,
+                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        _check_row_losses(loss, *cls.NAMES, cls.OP)
+        ctx.save_for_backward(ga, gb)
+        ctx.per_row = reduction == "none"
+        return _reduce(loss, reduction, scale)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        ga, gb = ctx.saved_tensors
+        return _scale_grad(ga, grad_output, ctx.per_row), _scale_grad(gb, grad_output, ctx.per_row), None, None, None
+
+
+class SoftTargetCrossEntropyFunction(_FusedSoftLoss):
     """Fused soft-target CE; gradients w.r.t. logits and (if required) targets are computed in forward."""
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, reduction: str,
-                backend: str) -> torch.Tensor:
-        scale = _k.reduction_scale(reduction, logits.shape[0], "soft_target_cross_entropy")
-        loss, gz, gy = _fused(backend, "ce", logits, targets, temperature, scale,
-                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        _check_row_losses(loss, "logits", "targets", "soft_target_cross_entropy")
-        ctx.save_for_backward(gz, gy)
-        ctx.per_row = reduction == "none"
-        return _reduce(loss, reduction, scale)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        gz, gy = ctx.saved_tensors
-        return _scale_grad(gz, grad_output, ctx.per_row), _scale_grad(gy, grad_output, ctx.per_row), None, None, None
+    KIND, OP, NAMES = "ce", "soft_target_cross_entropy", ("logits", "targets")
 
 
-class KDKLDivFunction(torch.autograd.Function):
+class KDKLDivFunction(_FusedSoftLoss):
     """Fused KD KL * T^2; the teacher gradient is computed only when the teacher logits require grad."""
 
-    @staticmethod
-    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, reduction: str,
-                backend: str) -> torch.Tensor:
-        scale = _k.reduction_scale(reduction, student_logits.shape[0], "kd_kl_div")
-        loss, gs, gt = _fused(backend, "kl", student_logits, teacher_logits, temperature, scale,
-                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        _check_row_losses(loss, "student_logits", "teacher_logits", "kd_kl_div")
-        ctx.save_for_backward(gs, gt)
-        ctx.per_row = reduction == "none"
-        return _reduce(loss, reduction, scale)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        gs, gt = ctx.saved_tensors
-        return _scale_grad(gs, grad_output, ctx.per_row), _scale_grad(gt, grad_output, ctx.per_row), None, None, None
+    KIND, OP, NAMES = "kl", "kd_kl_div", ("student_logits", "teacher_logits")
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
