@@ -1,12 +1,17 @@
 """Input validation shared by the ops: clear ``ValueError`` messages that say what to change.
 
-Finite-value checks need a host sync; they are on by default and can be turned off in tight loops with
-``DFKD_FAST_CHECKS=0`` or :func:`set_checks`. They are skipped while ``torch.compile`` traces.
+Shape, dtype and device checks read only metadata (no sync). Value checks (NaN/Inf, ranges) need a device
+value on the host. Called on their own, ops check at once (one host read per call). Inside
+:func:`deferred` (what every synthesizer wraps a batch in), a value check instead records a boolean flag on
+the device (no sync) and the block checks all flags once when it ends, raising the ``ValueError`` of the
+first failed check -- which names the op, the argument and the layer. ``DFKD_FAST_CHECKS=0`` or
+:func:`set_checks` turns value checks off; they are skipped while ``torch.compile`` traces.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -31,10 +36,89 @@ def check_float(t: torch.Tensor, name: str, op: str) -> None:
         raise ValueError(f"{op}: '{name}' must be float32/float16/bfloat16/float64, got {t.dtype}")
 
 
+class DeferredChecks:
+    """Device-side flags of value checks made inside :func:`deferred`; :meth:`check` reads them once.
+
+    Flags with the same message are AND-ed on the device (a loop of many steps keeps one flag per check
+    site, not one per step). ``check()`` costs one host read for all of them and raises the ``ValueError``
+    of the first failed check, in the order the checks were first made.
+    """
+
+    def __init__(self) -> None:
+        self._flags: dict[str, torch.Tensor] = {}
+
+    def add(self, ok: torch.Tensor, message: str) -> None:
+        ok = ok.detach().reshape(())
+        prev = self._flags.get(message)
+        self._flags[message] = ok if prev is None else torch.logical_and(prev, ok)
+
+    def __len__(self) -> int:
+        return len(self._flags)
+
+    def check(self) -> None:
+        """Raise the first failed check's ``ValueError`` (one host read); clears the flags."""
+        if not self._flags:
+            return
+        msgs = list(self._flags)
+        dev = self._flags[msgs[0]].device
+        oks = torch.stack([f.to(dev) for f in self._flags.values()]).tolist()
+        self._flags.clear()
+        for ok, msg in zip(oks, msgs, strict=True):
+            if not ok:
+                raise ValueError(msg)
+
+
+_DEFERRED: list[DeferredChecks] = []
+
+
+@contextlib.contextmanager
+def deferred(check_on_exit: bool = True) -> Iterator[DeferredChecks]:
+    """Collect value checks on the device inside the block; check them all once when it ends.
+
+    Nested blocks share the outermost collector. ``check_on_exit=False`` leaves the final
+    :meth:`DeferredChecks.check` to the caller (e.g. to check before a batch's results are used).
+    """
+    if _DEFERRED:
+        yield _DEFERRED[-1]
+        return
+    guard = DeferredChecks()
+    _DEFERRED.append(guard)
+    failed = False
+    try:
+        yield guard
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        _DEFERRED.remove(guard)
+        if check_on_exit and not failed:
+            guard.check()
+
+
+def expect(ok: torch.Tensor, message: str) -> None:
+    """Value check: ``ok`` is a bool tensor that must be all-true, else ``ValueError(message)``.
+
+    At once (one host read) outside :func:`deferred`; recorded on the device (no sync) inside it; skipped
+    when checks are off or while ``torch.compile`` traces.
+    """
+    if not checks_enabled():
+        return
+    ok = ok.all() if ok.numel() != 1 else ok.reshape(())
+    if _DEFERRED:
+        _DEFERRED[-1].add(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
+def finite_message(name: str, op: str) -> str:
+    return (f"{op}: '{name}' contains NaN or Inf; check the upstream computation "
+            "(learning rate, input scaling) or disable checks with DFKD_FAST_CHECKS=0")
+
+
 def check_finite(t: torch.Tensor, name: str, op: str) -> None:
-    if checks_enabled() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{op}: '{name}' contains NaN or Inf; check the upstream computation "
-                         "(learning rate, input scaling) or disable checks with DFKD_FAST_CHECKS=0")
+    """NaN/Inf check of ``t`` via :func:`expect` (deferred to the end of a :func:`deferred` block)."""
+    if checks_enabled() and t.numel():
+        expect(torch.isfinite(t).all(), finite_message(name, op))
 
 
 def check_ndim(t: torch.Tensor, name: str, op: str, ndims: Sequence[int]) -> None:
