@@ -16,6 +16,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+#: ``precision=`` choices: autocast dtype of the teacher / generator forward (statistics and losses stay fp32).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``compile=`` choices: ``torch.compile`` mode of the per-step function ("off": eager).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
 #: Methods that work on a teacher without BatchNorm layers (named in error messages).
 BN_FREE_METHODS = ("data_impressions", "class_impressions", "dafl", "zskt", "impression_space")
 
@@ -93,6 +98,10 @@ class Synthesizer:
         backend: backend of the fused ops (``"auto"|"triton"|"cpp"|"torch"``).
         seed: seeds this synthesizer's ``torch.Generator`` (per-batch randomness is reproducible).
         student: optional student for adversarial / competition terms (never the teacher).
+        compile: ``torch.compile`` mode for the per-step function (:data:`COMPILE_MODES`; ``"off"`` = eager,
+            ``"reduce-overhead"`` gives CUDA graphs on a GPU).
+        precision: ``"fp32" | "bf16" | "fp16"``: autocast dtype of the teacher and generator forward;
+            BN statistics and losses are always computed in fp32.
     """
 
     name: ClassVar[str] = "base"
@@ -103,7 +112,8 @@ class Synthesizer:
                  config: SynthesisConfig | None = None, *, batch_size: int = 64,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  device: torch.device | str | None = None, backend: str = "auto", seed: int = 0,
-                 student: nn.Module | None = None, **overrides: Any) -> None:
+                 student: nn.Module | None = None, compile: str = "off", precision: str = "fp32",
+                 **overrides: Any) -> None:
         if len(tuple(image_size)) != 3:
             raise ValueError(f"image_size must be (C, H, W), got {tuple(image_size)}")
         if batch_size < 1:
@@ -116,6 +126,12 @@ class Synthesizer:
         if unknown:
             raise ValueError(f"{self.name}: unknown hyper-parameter(s) {sorted(unknown)}; known: {sorted(known)}")
         self.config = dataclasses.replace(cfg, **overrides)
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"{self.name}: compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"{self.name}: precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        self.compile_mode = compile
+        self.precision = precision
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -160,6 +176,17 @@ class Synthesizer:
         n = self.batch_size if n is None else n
         start = self.batches_done * self.batch_size
         return (torch.arange(start, start + n, device=self.device) % self.num_classes).long()
+
+    def autocast(self) -> torch.autocast:
+        """Autocast context for the teacher / generator forward at ``precision`` (disabled for fp32)."""
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def compile_step(self, fn: Any, fullgraph: bool = True) -> Any:
+        """``fn`` compiled with ``torch.compile(mode=compile)``, or ``fn`` itself when ``compile="off"``."""
+        if self.compile_mode == "off":
+            return fn
+        return torch.compile(fn, mode=self.compile_mode, fullgraph=fullgraph, dynamic=False)
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator, device=self.device)
