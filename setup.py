@@ -83,7 +83,8 @@ setup(
     description="Fast data-free knowledge distillation: fused Triton / C++ hot paths, every synthesis method, tasks",
     packages=["dfkd_fast", "dfkd_fast.kernels"] + [
         "dfkd_fast." + os.path.relpath(d, "dfkd_fast").replace(os.sep, ".")
-        for d in sorted(glob.glob("dfkd_fast/*/")) if os.path.exists(os.path.join(d, "__init__.py"))
+        for d in sorted(glob.glob("dfkd_fast/**/", recursive=True))
+        if os.path.relpath(d, "dfkd_fast") != "." and os.path.exists(os.path.join(d, "__init__.py"))
     ],
     package_dir={"dfkd_fast": "dfkd_fast", "dfkd_fast.kernels": "kernels"},
     package_data={"dfkd_fast": ["build_info.json"]},

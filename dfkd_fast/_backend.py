@@ -42,6 +42,7 @@ def extension_error() -> str | None:
     return _C_ERROR
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated once at trace time (it imports the extension)
 def cpp_available(fn_name: str | None = None) -> tuple[bool, str]:
     """Whether the cpp backend can run ``fn_name`` (a function of ``dfkd_fast._C``), and why not."""
     ext = extension()

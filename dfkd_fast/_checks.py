@@ -4,7 +4,8 @@ Shape, dtype and device checks read only metadata (no sync). Value checks (NaN/I
 value on the host. Called on their own, ops check at once (one host read per call). Inside
 :func:`deferred` (what every synthesizer wraps a batch in), a value check instead records a boolean flag on
 the device (no sync) and the block checks all flags once when it ends, raising the ``ValueError`` of the
-first failed check -- which names the op, the argument and the layer. ``DFKD_FAST_CHECKS=0`` or
+first failed check -- which names the op, the argument and the layer (:func:`expect` for one flag,
+:func:`expect_each` for one flag per layer from a single device op). ``DFKD_FAST_CHECKS=0`` or
 :func:`set_checks` turns value checks off; they are skipped while ``torch.compile`` traces.
 """
 from __future__ import annotations
@@ -39,16 +40,18 @@ def check_float(t: torch.Tensor, name: str, op: str) -> None:
 class DeferredChecks:
     """Device-side flags of value checks made inside :func:`deferred`; :meth:`check` reads them once.
 
-    Flags with the same message are AND-ed on the device (a loop of many steps keeps one flag per check
-    site, not one per step). ``check()`` costs one host read for all of them and raises the ``ValueError``
-    of the first failed check, in the order the checks were first made.
+    Flags with the same message (or the same tuple of messages, for a vector of flags from
+    :func:`expect_each`) are AND-ed on the device (a loop of many steps keeps one flag per check site, not one
+    per step). ``check()`` costs one host read for all of them and raises the ``ValueError`` of the first
+    failed check, in the order the checks were first made.
     """
 
     def __init__(self) -> None:
-        self._flags: dict[str, torch.Tensor] = {}
+        self._flags: dict[str | tuple[str, ...], torch.Tensor] = {}
 
-    def add(self, ok: torch.Tensor, message: str) -> None:
-        ok = ok.detach().reshape(())
+    def add(self, ok: torch.Tensor, message: str | tuple[str, ...]) -> None:
+        """Record ``ok`` (a bool scalar, or a bool vector with one entry per message of a tuple)."""
+        ok = ok.detach().reshape(-1 if isinstance(message, tuple) else ())
         prev = self._flags.get(message)
         self._flags[message] = ok if prev is None else torch.logical_and(prev, ok)
 
@@ -59,10 +62,11 @@ class DeferredChecks:
         """Raise the first failed check's ``ValueError`` (one host read); clears the flags."""
         if not self._flags:
             return
-        msgs = list(self._flags)
-        dev = self._flags[msgs[0]].device
-        oks = torch.stack([f.to(dev) for f in self._flags.values()]).tolist()
+        keys = list(self._flags)
+        dev = self._flags[keys[0]].device
+        oks = torch.cat([f.to(dev).reshape(-1) for f in self._flags.values()]).tolist()
         self._flags.clear()
+        msgs = [m for k in keys for m in (k if isinstance(k, tuple) else (k,))]
         for ok, msg in zip(oks, msgs, strict=True):
             if not ok:
                 raise ValueError(msg)
@@ -108,6 +112,30 @@ def expect(ok: torch.Tensor, message: str) -> None:
         _DEFERRED[-1].add(ok, message)
     elif not bool(ok):
         raise ValueError(message)
+
+
+def expect_each(ok: torch.Tensor, messages: Sequence[str]) -> None:
+    """Vector value check: ``ok[i]`` (bool) must hold, else ``ValueError(messages[i])`` (first failure wins).
+
+    One flag per layer in one device op (e.g. ``torch.isfinite(per_layer_losses)``): the error names the layer
+    without a host read per layer. At once outside :func:`deferred`, recorded on the device inside it.
+    """
+    if not checks_enabled():
+        return
+    messages = tuple(messages)
+    if ok.numel() != len(messages):
+        raise ValueError(f"expect_each: got {ok.numel()} flags for {len(messages)} messages")
+    if _DEFERRED:
+        _DEFERRED[-1].add(ok, messages)
+        return
+    for flag, msg in zip(ok.reshape(-1).tolist(), messages, strict=True):
+        if not flag:
+            raise ValueError(msg)
+
+
+def in_deferred() -> bool:
+    """Whether value checks are currently collected by a :func:`deferred` block."""
+    return bool(_DEFERRED)
 
 
 def finite_message(name: str, op: str) -> str:

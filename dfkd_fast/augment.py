@@ -8,8 +8,8 @@ gradients back to the pixels (the generator or the image batch is trained throug
 - CMI local view: random resized crop, area scale [0.25, 1], aspect ratio [3/4, 4/3], sampled as
   torchvision's ``RandomResizedCrop.get_params`` does (10 tries, then a center crop), + flip. Resizing
   is plain bilinear (no antialias), like ``grid_sample``.
-- DeepInversion: :func:`jitter_flip`, a random ``torch.roll`` by (dy, dx) plus a flip, the same for the
-  whole batch as in the reference code.
+- DeepInversion: :func:`jitter_flip`, a random roll by (dy, dx) plus a flip, the same for the whole batch as
+  in the reference code; the parameters stay on the device (:func:`sample_jitter`, :func:`roll_flip`).
 
 All samplers are vectorized over the batch and draw from an optional ``torch.Generator`` (on the
 generator's device; results are moved to ``device``).
@@ -24,7 +24,8 @@ from torch import nn
 
 from dfkd_fast.ops.crop_flip import crop_flip
 
-__all__ = ["sample_crop_boxes", "sample_resized_crop_boxes", "sample_flips", "CropFlip", "jitter_flip"]
+__all__ = ["sample_crop_boxes", "sample_resized_crop_boxes", "sample_flips", "CropFlip", "jitter_flip", "sample_jitter",
+           "roll_flip"]
 
 _RRC_TRIES = 10  # torchvision RandomResizedCrop attempts before the center-crop fallback
 
@@ -78,8 +79,8 @@ def sample_crop_boxes(n: int, in_hw: int | Sequence[int], padding: int = 4, gene
         raise ValueError(f"sample_crop_boxes: 'padding' must be a non-negative int, got {padding!r}")
     gdev = _gen_device(generator)
     shift = torch.randint(-padding, padding + 1, (n, 2), generator=generator, device=gdev).float()
-    size = torch.tensor([w, h], dtype=torch.float32, device=gdev)
-    boxes = torch.cat([shift, shift + size], dim=1)
+    # (dx, dy, dx + W, dy + H) with Python-scalar offsets: no host->device copy per call
+    boxes = torch.cat([shift, shift[:, :1] + w, shift[:, 1:] + h], dim=1)
     return boxes.to(device if device is not None else gdev)
 
 
@@ -241,38 +242,73 @@ class CropFlip(nn.Module):
                 f"ratio={self.ratio}, p_flip={self.p_flip}, backend={self.backend!r}")
 
 
-def jitter_flip(x: torch.Tensor, max_shift: int | Sequence[int], p_flip: float = 0.5,
-                generator: torch.Generator | None = None, return_params: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, tuple[int, int, bool]]:
-    """DeepInversion jitter: roll the whole batch by a random (dy, dx), then flip it with probability ``p_flip``.
+def sample_jitter(max_shift: int | Sequence[int], p_flip: float = 0.5, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameters of one DeepInversion jitter, drawn on the device (no host read).
 
-    .. math:: d_y \\sim U\\{-m_y..m_y\\},\\ d_x \\sim U\\{-m_x..m_x\\};\\quad
-              x' = \\mathrm{roll}(x, (d_y, d_x), \\text{dims}=(2, 3)),\\ \\text{then mirrored along W}.
+    .. math:: d_y \\sim U\\{-m_y..m_y\\},\\ d_x \\sim U\\{-m_x..m_x\\},\\ f \\sim \\mathrm{Bernoulli}(p)
 
-    One shift and one flip for the whole batch, as in the reference implementation (``torch.roll`` wraps
-    around; it is differentiable).
+    Three draws from ``generator``, in this order: ``randint`` for d_y, ``randint`` for d_x, ``rand`` for the
+    flip (the flip is drawn even when ``p_flip`` is 0 or 1, so the random stream does not depend on it).
 
-    Args:
-        x: batch of images.
-        max_shift: ``m`` or ``(m_y, m_x)``, non-negative (DeepInversion uses H/8 on CIFAR, 30 on ImageNet).
-        p_flip: flip probability.
-        generator: random source (its device is used for sampling).
-        return_params: also return ``(dy, dx, flipped)``.
-
-    Shape: (N, C, H, W) -> (N, C, H, W).
+    Returns:
+        ``shift``: (2,) int64 ``(d_y, d_x)``; ``flip``: () bool.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError("jitter_flip: x must be a (N, C, H, W) tensor")
     my, mx = (max_shift, max_shift) if isinstance(max_shift, int) else (int(max_shift[0]), int(max_shift[1]))
     if my < 0 or mx < 0:
         raise ValueError(f"jitter_flip: 'max_shift' must be non-negative, got {max_shift!r}")
     if not 0.0 <= float(p_flip) <= 1.0:
         raise ValueError(f"jitter_flip: 'p_flip' must be in [0, 1], got {p_flip}")
     gdev = _gen_device(generator)
-    dy = int(torch.randint(-my, my + 1, (1,), generator=generator, device=gdev).item())
-    dx = int(torch.randint(-mx, mx + 1, (1,), generator=generator, device=gdev).item())
-    flipped = bool(torch.rand(1, generator=generator, device=gdev).item() < float(p_flip))
-    out = torch.roll(x, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else x
-    if flipped:
-        out = torch.flip(out, dims=(3,))
-    return (out, (dy, dx, flipped)) if return_params else out
+    dy = torch.randint(-my, my + 1, (1,), generator=generator, device=gdev)
+    dx = torch.randint(-mx, mx + 1, (1,), generator=generator, device=gdev)
+    flip = torch.rand(1, generator=generator, device=gdev) < float(p_flip)
+    dev = device if device is not None else gdev
+    return torch.cat([dy, dx]).to(dev), flip.reshape(()).to(dev)
+
+
+def roll_flip(x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """``torch.roll(x, (d_y, d_x), dims=(2, 3))``, then mirrored along W when ``flip``, with on-device parameters.
+
+    One gather with an index built on the device, so the shift never becomes a Python int (no host sync,
+    traceable by ``torch.compile(fullgraph=True)``); the gradient is the inverse permutation (exact):
+
+    .. math:: x'_{n,c,i,j} = x_{n,c,\\,(i - d_y) \\bmod H,\\,(j' - d_x) \\bmod W},\\quad
+              j' = W - 1 - j \\text{ if } f \\text{ else } j.
+
+    Shape: x (N, C, H, W), shift (2,) integer, flip () bool -> (N, C, H, W).
+    """
+    n, c, h, w = x.shape
+    rows = torch.remainder(torch.arange(h, device=x.device) - shift[0], h)
+    j = torch.arange(w, device=x.device)
+    cols = torch.remainder(torch.where(flip, (w - 1) - j, j) - shift[1], w)
+    index = (rows[:, None] * w + cols[None, :]).reshape(-1)
+    return x.reshape(n, c, h * w).index_select(2, index).view(n, c, h, w)
+
+
+def jitter_flip(x: torch.Tensor, max_shift: int | Sequence[int], p_flip: float = 0.5,
+                generator: torch.Generator | None = None, return_params: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """DeepInversion jitter: roll the whole batch by a random (dy, dx), then flip it with probability ``p_flip``.
+
+    .. math:: d_y \\sim U\\{-m_y..m_y\\},\\ d_x \\sim U\\{-m_x..m_x\\};\\quad
+              x' = \\mathrm{roll}(x, (d_y, d_x), \\text{dims}=(2, 3)),\\ \\text{then mirrored along W}.
+
+    One shift and one flip for the whole batch, as in the reference implementation (the roll wraps around;
+    it is differentiable). :func:`sample_jitter` draws the parameters on the device and :func:`roll_flip`
+    applies them, so no value is read on the host.
+
+    Args:
+        x: batch of images.
+        max_shift: ``m`` or ``(m_y, m_x)``, non-negative (DeepInversion uses H/8 on CIFAR, 30 on ImageNet).
+        p_flip: flip probability.
+        generator: random source (its device is used for sampling).
+        return_params: also return ``(dy, dx, flipped)`` as 0-dim device tensors (int64, int64, bool).
+
+    Shape: (N, C, H, W) -> (N, C, H, W).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError("jitter_flip: x must be a (N, C, H, W) tensor")
+    shift, flip = sample_jitter(max_shift, p_flip, generator=generator, device=x.device)
+    out = roll_flip(x, shift, flip)
+    return (out, (shift[0], shift[1], flip)) if return_params else out

@@ -103,6 +103,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif default not in (None, False):
             helptext += f" (default: {default})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
+        if f.metadata.get("choices"):
+            kw["choices"] = list(f.metadata["choices"])
         if t.startswith("bool"):
             parser.add_argument(flag, action="store_true", **kw)
         elif t.startswith("list"):

@@ -34,6 +34,8 @@ TORCHRUN_OPTIONS = (
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", required: bool = False, **kw: Any) -> Any:
     meta = {"help": help, "required": required}
+    if "choices" in kw:  # the flag accepts only these values
+        meta["choices"] = tuple(kw["choices"])
     if "default_factory" in kw:
         return field(default_factory=kw["default_factory"], metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,6 +62,10 @@ class SynthesizeConfig:
     shard_size: int = _f(1024, "images per shard (rounded up to a multiple of --batch-size)")
     store: str = _f("uint8", "image storage: uint8 or fp16")
     preview: int = _f(64, "images in the PNG grid preview (0: none)")
+    compile: str = _f("off", "torch.compile the per-step function (reduce-overhead: CUDA graphs on a GPU)",
+                      choices=("off", "default", "reduce-overhead", "max-autotune"))
+    precision: str = _f("fp32", "autocast dtype of the teacher and generator forward (BN statistics and losses "
+                                "stay fp32)", choices=("fp32", "bf16", "fp16"))
     distributed: bool = _f(False, "multi-process synthesis: run under torchrun, one rank per process (NCCL/gloo)")
     student: str | None = _f(None, "student for the adversarial / competition terms (zoo name or "
                                    "'package.module:factory'); required by zskt, optional for cmi, dfq, fast_meta, "

@@ -1,6 +1,7 @@
 """CMI's contrastive building blocks (SPEC §3.2; Fang et al., "Contrastive Model Inversion", IJCAI 2021).
 
-- :class:`MemoryBank`: on-device ring buffer of (local, global) instance features of past batches.
+- :class:`MemoryBank`: on-device ring buffer (:class:`dfkd_fast.buffers.RingBuffer`) of (local, global) instance
+  features of past batches.
 - :class:`ProjectionHead`: the instance discriminator h, Linear(D, D)-ReLU-Linear(D, 256), L2-normalized.
 - :func:`cmi_contrastive_loss`: L_cr over the current batch plus n_neg bank entries, through the fused
   :func:`dfkd_fast.ops.info_nce`.
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd_fast import comm
+from dfkd_fast.buffers import RingBuffer
 from dfkd_fast.ops import info_nce
 
 __all__ = ["MemoryBank", "ProjectionHead", "cmi_contrastive_loss"]
@@ -56,13 +59,30 @@ class MemoryBank:
         self.dims: tuple[int, int] = (d[0], d[1])
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        self.local = torch.zeros(self.capacity, d[0], device=self.device, dtype=dtype)
-        self.global_ = torch.zeros(self.capacity, d[1], device=self.device, dtype=dtype)
-        self.ptr = 0  # next write position
-        self.count = 0  # filled entries, <= capacity
+        self.ring = RingBuffer(self.capacity, {"local": ((d[0],), dtype), "global": ((d[1],), dtype)}, self.device)
         self.n_updates = 0  # number of add() calls
         self.all_gather = bool(all_gather)
         self.group = group
+
+    @property
+    def local(self) -> torch.Tensor:
+        """(capacity, D_l) storage of the local features (rows past ``len(bank)`` are zero)."""
+        return self.ring.storage["local"]
+
+    @property
+    def global_(self) -> torch.Tensor:
+        """(capacity, D_g) storage of the global features."""
+        return self.ring.storage["global"]
+
+    @property
+    def ptr(self) -> int:
+        """Next write position."""
+        return self.ring.ptr
+
+    @property
+    def count(self) -> int:
+        """Filled entries, <= capacity."""
+        return self.ring.count
 
     def __len__(self) -> int:
         return self.count
@@ -80,22 +100,11 @@ class MemoryBank:
             raise ValueError(f"MemoryBank.add: local and global_ need the same batch size, got {local.shape[0]} "
                              f"and {global_.shape[0]}")
         if self.all_gather:
-            from dfkd_fast.distributed import all_gather_rows
-
-            both = all_gather_rows(torch.cat([local.detach(), global_.detach().to(local.dtype)], 1), self.group)
+            both = comm.all_gather_rows(torch.cat([local.detach(), global_.detach().to(local.dtype)], 1), self.group)
             local, global_ = both[:, :self.dims[0]], both[:, self.dims[0]:]
-        b = local.shape[0]
-        if b == 0:
+        if local.shape[0] == 0:
             return
-        local = local.detach()[-self.capacity:].to(self.device, self.dtype)
-        global_ = global_.detach()[-self.capacity:].to(self.device, self.dtype)
-        # rows dropped from an oversized batch still advance the pointer, as if written then overwritten
-        start = (self.ptr + b - local.shape[0]) % self.capacity
-        idx = (start + torch.arange(local.shape[0], device=self.device)) % self.capacity
-        self.local[idx] = local
-        self.global_[idx] = global_
-        self.ptr = (self.ptr + b) % self.capacity
-        self.count = min(self.capacity, self.count + b)
+        self.ring.add(local=local, **{"global": global_})
         self.n_updates += 1
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +126,7 @@ class MemoryBank:
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored entries, oldest first. Shape: (len, D_l), (len, D_g)."""
-        start = (self.ptr - self.count) % self.capacity
-        idx = (start + torch.arange(self.count, device=self.device)) % self.capacity
+        idx = self.ring.oldest_first()
         return self.local[idx], self.global_[idx]
 
     def state_dict(self) -> dict[str, Any]:
@@ -137,9 +145,7 @@ class MemoryBank:
         if local.shape[0] > self.capacity or local.shape[0] != global_.shape[0]:
             raise ValueError(f"MemoryBank.load_state_dict: inconsistent entries {tuple(local.shape)} / "
                              f"{tuple(global_.shape)} for capacity {self.capacity}")
-        self.ptr = self.count = 0
-        self.local.zero_()
-        self.global_.zero_()
+        self.ring.clear()
         n_updates = int(state["n_updates"])
         gather, self.all_gather = self.all_gather, False  # restoring is local: no collective
         try:

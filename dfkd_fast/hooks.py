@@ -21,7 +21,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dfkd_fast.ops.bn_stats import bn_stat_loss_from_stats, channel_stats
+from dfkd_fast import _checks
+from dfkd_fast.ops.bn_stats import (
+    StatConstants,
+    _channel_stats_unchecked,
+    bn_stat_loss_packed,
+    channel_stats,
+    pack_stat_constants,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -40,13 +47,54 @@ def _check_bn(module: nn.Module, where: str) -> None:
                          f"({_NO_BN_METHODS})")
 
 
-def _blend_update(old: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor],
-                  momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """FastDFKD moving average: first batch copies, later ones mix ``momentum * old + (1 - momentum) * new``."""
-    m, v = new[0].detach(), new[1].detach()
-    if old is None:
-        return m.clone(), v.clone()
-    return momentum * old[0] + (1 - momentum) * m, momentum * old[1] + (1 - momentum) * v
+def _layer_message(owner: str, layer: str) -> str:
+    return (f"{owner}: the input of {layer} contains NaN or Inf, or its batch statistics overflow float32; check the "
+            "upstream computation (learning rate, input scaling) or disable checks with DFKD_FAST_CHECKS=0")
+
+
+class _PackedRunningStats:
+    """The per-layer loss constants of a fixed list of BN layers, packed once (:func:`pack_stat_constants`).
+
+    Re-packed only when a running statistic is replaced or modified in place (tensor identity and version
+    counter, read on the host: no sync), e.g. a teacher in train mode or ``load_state_dict`` / ``.to()``.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], kind: str) -> None:
+        self.layers = list(layers)
+        self.kind = kind
+        self._sig: tuple | None = None
+        self._cache: dict[tuple, StatConstants] = {}
+
+    def _signature(self) -> tuple:
+        return tuple((m.running_mean, m.running_mean._version, m.running_var, m.running_var._version)
+                     for m in self.layers)
+
+    def _fresh(self) -> bool:
+        if self._sig is None or len(self._sig) != len(self.layers):
+            return False
+        for (rm, vm, rv, vv), m in zip(self._sig, self.layers, strict=True):
+            if rm is not m.running_mean or rv is not m.running_var or vm != rm._version or vv != rv._version:
+                return False
+        return True
+
+    def get(self, idx: tuple[int, ...], weights: tuple[float, ...]) -> StatConstants:
+        """Constants of layers ``idx`` with layer weights ``weights`` (packed on the first request).
+
+        While ``torch.compile`` traces, the packed constants are used as they are (version counters are not
+        traceable); a change of the running statistics is picked up by the next eager call.
+        """
+        if not self._cache or not torch.compiler.is_compiling() and not self._fresh():
+            self._cache.clear()
+            self._sig = self._signature()
+        key = (idx, weights)
+        consts = self._cache.get(key)
+        if consts is None:
+            layers = [self.layers[i] for i in idx]
+            consts = pack_stat_constants([int(m.running_mean.numel()) for m in layers],
+                                         [m.running_mean for m in layers], [m.running_var for m in layers],
+                                         list(weights), self.kind, layers[0].running_mean.device)
+            self._cache[key] = consts
+        return consts
 
 
 class BNStatHook:
@@ -78,23 +126,39 @@ class BNStatHook:
         self.var: torch.Tensor | None = None
         self.mmt: tuple[torch.Tensor, torch.Tensor] | None = None
         self.paused = False
+        self._packed = _PackedRunningStats([module], kind)
+        self._packed.get((0,), (1.0,))  # pack (and validate) the running statistics once, now
+        self._beta: torch.Tensor | None = None
+        self._message = (_layer_message("BNStatHook", f"its {type(module).__name__} layer "
+                                                      f"({module.running_mean.numel()} channels)"),)
         self._handle = module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if self.paused:
             return
-        mean, var, _ = channel_stats(inputs[0], self.backend)
+        mean, var, _ = _channel_stats_unchecked(inputs[0], self.backend, "BNStatHook")
         self.mean, self.var = mean, var
-        mmt = [self.mmt] if (self.mmt is not None and self.momentum > 0) else None
-        self.r_feature = bn_stat_loss_from_stats([mean], [var], [module.running_mean], [module.running_var],
-                                                 kind=self.kind, momentum_stats=mmt, momentum=self.momentum,
-                                                 backend=self.backend).sum()
+        mb = vb = beta = None
+        if self.mmt is not None and self.momentum > 0:
+            mb, vb = self.mmt
+            if self._beta is None or self._beta.device != mb.device:
+                self._beta = torch.full_like(mb, self.momentum)
+            beta = self._beta
+        terms = bn_stat_loss_packed(mean, var, self._packed.get((0,), (1.0,)), mb, vb, beta, backend=self.backend)
+        _checks.expect_each(torch.isfinite(terms.detach()), self._message)
+        self.r_feature = terms.sum()
 
     def update_mmt(self) -> None:
-        """Update the moving averages from the last batch: mu_bar <- beta mu_bar + (1 - beta) mu."""
+        """Update the moving averages from the last batch (on the device, no host read):
+        mu_bar <- beta mu_bar + (1 - beta) mu (the first batch copies)."""
         if self.mean is None or self.var is None:
             raise RuntimeError("BNStatHook.update_mmt: run a forward pass of the model first")
-        self.mmt = _blend_update(self.mmt, (self.mean, self.var), self.momentum)
+        m, v = self.mean.detach(), self.var.detach()
+        if self.mmt is None:
+            self.mmt = (m.clone(), v.clone())
+        else:
+            b = self.momentum
+            self.mmt = (torch.lerp(m, self.mmt[0], b), torch.lerp(v, self.mmt[1], b))
 
     def remove(self) -> None:
         """Detach the hook from the module."""
@@ -182,7 +246,18 @@ class TeacherProbe(_Probe):
         self.feature_dim: int = sum(self.channels)
         self._paused = False
         self._stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
-        self._mmt: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+        module_names = {id(m): n for n, m in model.named_modules()}
+        self._messages = [
+            _layer_message("TeacherProbe", f"BN layer {i} ('{module_names.get(id(m), type(m).__name__)}')")
+            for i, m in enumerate(layers)]
+        self._all = tuple(range(len(layers)))
+        self._packed = _PackedRunningStats(layers, kind)
+        self._packed.get(self._all, self._weights(self._all))  # pack (and validate) once, now
+        # FastDFKD moving averages, concatenated over layers on the device (see update_momentum)
+        self._mean_bar: torch.Tensor | None = None
+        self._var_bar: torch.Tensor | None = None
+        self._has_mmt = [False] * len(layers)
+        self._beta_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._handles = [model.register_forward_pre_hook(self._reset)]
         self._handles += [m.register_forward_hook(self._make_hook(i)) for i, m in enumerate(layers)]
 
@@ -193,28 +268,71 @@ class TeacherProbe(_Probe):
     def _make_hook(self, index: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if not self._paused:
-                self._stats[index] = channel_stats(inputs[0], self.backend)
+                # checked where the stats are used (one device flag per layer, see _check_layers)
+                self._stats[index] = _channel_stats_unchecked(inputs[0], self.backend, "TeacherProbe")
 
         return hook
 
-    def _captured(self, what: str) -> list[int]:
-        idx = [i for i, s in enumerate(self._stats) if s is not None]
+    def clear(self) -> None:
+        """Drop the captured stats of the last forward (and the autograd graph they keep alive), e.g. between
+        batches of a persistent probe."""
+        self._stats = [None] * len(self.layers)
+
+    def _captured(self, what: str) -> tuple[int, ...]:
+        idx = tuple(i for i, s in enumerate(self._stats) if s is not None)
         if not idx:
             raise RuntimeError(f"TeacherProbe.{what}: no BN input captured; run a (non-paused) forward of the model")
         return idx
 
+    def _weights(self, idx: tuple[int, ...]) -> tuple[float, ...]:
+        return tuple(self.first_bn_multiplier if i == 0 else 1.0 for i in idx)
+
+    def _constants(self, idx: tuple[int, ...]) -> StatConstants:
+        return self._packed.get(idx, self._weights(idx))
+
+    @property
+    def constants(self) -> StatConstants:
+        """The packed per-layer constants of all probed layers (running stats, weights, offsets), on the device."""
+        return self._constants(self._all)
+
+    def _cat_stats(self, idx: tuple[int, ...], k: int) -> torch.Tensor:
+        return torch.cat([self._stats[i][k].reshape(-1).float() for i in idx])
+
+    def _check_layers(self, idx: tuple[int, ...], mean: torch.Tensor, var: torch.Tensor) -> None:
+        """One device flag per layer: its stats are finite (a NaN/Inf anywhere in a BN input makes them not)."""
+        if not _checks.checks_enabled():
+            return
+        bad = (~torch.isfinite(mean.detach() + var.detach())).float()
+        consts = self._constants(idx)
+        per_layer = torch.zeros(len(idx), device=bad.device).index_add_(0, consts.segment, bad)
+        _checks.expect_each(per_layer == 0, [self._messages[i] for i in idx])
+
+    def _moving(self, idx: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(mean_bar, var_bar, beta) over the channels of layers ``idx``; beta = 0 on layers without averages."""
+        if self.momentum <= 0 or self._mean_bar is None or not any(self._has_mmt[i] for i in idx):
+            return None, None, None
+        beta = self._beta_cache.get(idx)
+        if beta is None:
+            vals = [self.momentum if self._has_mmt[i] else 0.0 for i in idx for _ in range(self.channels[i])]
+            beta = torch.tensor(vals, dtype=torch.float32).to(self._mean_bar.device)
+            self._beta_cache[idx] = beta
+        if idx == self._all:
+            return self._mean_bar, self._var_bar, beta
+        starts = [sum(self.channels[:i]) for i in range(len(self.channels))]
+        sel = torch.tensor([starts[i] + k for i in idx for k in range(self.channels[i])]).to(self._mean_bar.device)
+        return self._mean_bar.index_select(0, sel), self._var_bar.index_select(0, sel), beta
+
     def bn_loss(self) -> torch.Tensor:
-        """Total BN-prior loss sum_l w_l L_l of the last forward (fp32 scalar, differentiable), one fused kernel."""
+        """Total BN-prior loss sum_l w_l L_l of the last forward (fp32 scalar, differentiable), one fused kernel.
+
+        No host sync: the constants are packed once, the moving averages live on the device, and the finite
+        check is one device flag per layer (read when a :func:`dfkd_fast._checks.deferred` block ends; at once
+        outside one).
+        """
         idx = self._captured("bn_loss")
-        means = [self._stats[i][0] for i in idx]
-        vars_ = [self._stats[i][1] for i in idx]
-        weights = [self.first_bn_multiplier if i == 0 else 1.0 for i in idx]
-        mmt = None
-        if self.momentum > 0 and any(self._mmt[i] is not None for i in idx):
-            mmt = [self._mmt[i] for i in idx]
-        terms = bn_stat_loss_from_stats(means, vars_, [self.layers[i].running_mean for i in idx],
-                                        [self.layers[i].running_var for i in idx], weights=weights, kind=self.kind,
-                                        momentum_stats=mmt, momentum=self.momentum, backend=self.backend)
+        mean, var = self._cat_stats(idx, 0), self._cat_stats(idx, 1)
+        terms = bn_stat_loss_packed(mean, var, self._constants(idx), *self._moving(idx), backend=self.backend)
+        _checks.expect_each(torch.isfinite(terms.detach()), [self._messages[i] for i in idx])
         return terms.sum()
 
     def instance_features(self) -> torch.Tensor:
@@ -224,24 +342,89 @@ class TeacherProbe(_Probe):
         if missing:
             raise RuntimeError(f"TeacherProbe.instance_features: layers {missing} did not run in the last forward; "
                                "probe only layers on the forward path (pass `layers=`)")
+        self._check_layers(self._all, self._cat_stats(self._all, 0), self._cat_stats(self._all, 1))
         return torch.cat([s[2] for s in self._stats], dim=1)
 
     def layer_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(mean[C], var[C]) of each probed layer that ran in the last forward (fp32, differentiable)."""
         idx = self._captured("layer_stats")
+        self._check_layers(idx, self._cat_stats(idx, 0), self._cat_stats(idx, 1))
         return [(self._stats[i][0], self._stats[i][1]) for i in idx]
 
     def update_momentum(self) -> None:
-        """FastDFKD moving averages from the last forward: mu_bar <- beta mu_bar + (1 - beta) mu (first: copy)."""
-        for i in self._captured("update_momentum"):
-            st = self._stats[i]
-            self._mmt[i] = _blend_update(self._mmt[i], (st[0], st[1]), self.momentum)
+        """FastDFKD moving averages from the last forward, on the device (no host read):
+        mu_bar <- beta mu_bar + (1 - beta) mu (a layer's first update copies)."""
+        idx = self._captured("update_momentum")
+        if self._mean_bar is None:
+            dev = self._stats[idx[0]][0].device
+            self._mean_bar = torch.zeros(self.feature_dim, device=dev)
+            self._var_bar = torch.zeros(self.feature_dim, device=dev)
+        mean = self._cat_stats(idx, 0).detach()
+        var = self._cat_stats(idx, 1).detach()
+        b = self.momentum
+        if idx == self._all and all(self._has_mmt):
+            self._mean_bar = torch.lerp(mean, self._mean_bar, b)
+            self._var_bar = torch.lerp(var, self._var_bar, b)
+        else:
+            mbs, vbs, pos = [], [], 0
+            for i, c in enumerate(self.channels):
+                old_m, old_v = self._mean_bar[pos:pos + c], self._var_bar[pos:pos + c]
+                if i in idx:
+                    j = sum(self.channels[k] for k in idx if k < i)
+                    m, v = mean[j:j + c], var[j:j + c]
+                    if self._has_mmt[i]:
+                        m, v = torch.lerp(m, old_m, b), torch.lerp(v, old_v, b)
+                    old_m, old_v = m, v
+                mbs.append(old_m)
+                vbs.append(old_v)
+                pos += c
+            self._mean_bar, self._var_bar = torch.cat(mbs), torch.cat(vbs)
+            for i in idx:
+                self._has_mmt[i] = True
+            self._beta_cache.clear()
 
     @property
     def momentum_stats(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Current moving averages per layer (None before the first :meth:`update_momentum`)."""
-        return list(self._mmt)
+        """Current moving averages per layer (None before the layer's first :meth:`update_momentum`)."""
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        pos = 0
+        for has, c in zip(self._has_mmt, self.channels, strict=True):
+            out.append((self._mean_bar[pos:pos + c], self._var_bar[pos:pos + c]) if has else None)
+            pos += c
+        return out
 
+    def set_momentum_stats(self, stats: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None) -> None:
+        """Replace the moving averages (resume): one ``(mean_bar, var_bar)`` or None per probed layer; None clears."""
+        n = len(self.layers)
+        if stats is None:
+            stats = [None] * n
+        if len(stats) != n:
+            raise ValueError(f"TeacherProbe.set_momentum_stats: got {len(stats)} entries for {n} probed BN layers")
+        dev = self.layers[0].running_mean.device
+        mbs, vbs = [], []
+        for i, (st, c) in enumerate(zip(stats, self.channels, strict=True)):
+            if st is None:
+                mbs.append(torch.zeros(c, device=dev))
+                vbs.append(torch.zeros(c, device=dev))
+                continue
+            m, v = st
+            if m.numel() != c or v.numel() != c:
+                raise ValueError(f"TeacherProbe.set_momentum_stats: layer {i} has {c} channels, got "
+                                 f"{tuple(m.shape)} and {tuple(v.shape)}")
+            mbs.append(m.detach().reshape(-1).float().to(dev))
+            vbs.append(v.detach().reshape(-1).float().to(dev))
+        self._mean_bar, self._var_bar = torch.cat(mbs), torch.cat(vbs)
+        self._has_mmt = [st is not None for st in stats]
+        self._beta_cache.clear()
+
+    @property
+    def _mmt(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per-layer view of the moving averages (kept for callers of the former attribute)."""
+        return self.momentum_stats
+
+    @_mmt.setter
+    def _mmt(self, stats: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        self.set_momentum_stats(stats)
 
 
 class FeatureProbe(_Probe):

@@ -1,18 +1,22 @@
-"""The synthesis run loop behind ``dfkd-fast synthesize``: batches -> shards of a resumable transfer set.
+"""THE synthesis run loop behind ``dfkd-fast synthesize``: batches -> shards of a resumable transfer set.
 
-Batch ``b`` of a run is synthesized after reseeding the synthesizer's generator (and torch's global RNG)
-with :func:`batch_seed` ``(seed, b)``, so a resumed run produces the same images as an uninterrupted one.
-Shards hold whole batches (``shard_size`` is rounded up to a multiple of ``batch_size``); the
-synthesizer's ``state_dict`` and the running summary statistics are saved with every shard, so
-``resume=True`` continues exactly after the last finished shard: no finished shard is lost or duplicated.
+One loop (:func:`run_synthesis`) for one process and for every rank under ``torchrun``: a single process is
+world size 1. Rank r of W synthesizes the global batches of :func:`rank_plan` ``[r]``; batch ``b`` is
+synthesized after reseeding the synthesizer's generator (and torch's global RNG) with :func:`batch_seed`
+``(seed, b, r)``, so a resumed run produces the same images as an uninterrupted one. Shards hold whole
+batches (``shard_size`` is rounded up to a multiple of ``batch_size``); the synthesizer's ``state_dict`` and
+the running summary statistics are saved with every shard, so ``resume=True`` continues exactly after the
+last finished shard: no finished shard is lost or duplicated. A method that shares state across ranks
+installs its collectives in ``Synthesizer.setup_comm`` (the loop then runs the ranks in lockstep); the
+loop itself only talks to :mod:`dfkd_fast.comm`. Process-group setup is in :mod:`dfkd_fast.distributed`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +25,14 @@ import torch
 from torch import nn
 
 import dfkd_fast
+from dfkd_fast import comm
 from dfkd_fast.config import SynthesizeConfig, parse_floats, parse_image_size, parse_opts
+from dfkd_fast.distributed.group import DistContext, init_distributed, shutdown
+from dfkd_fast.transfer_set import write_tensors
 
-__all__ = ["SynthesisSummary", "batch_seed", "resolve_device", "load_teacher", "build_from_config",
-           "run_synthesis", "synthesize_from_config", "write_tensors", "run_meta"]
+__all__ = ["SynthesisSummary", "RankPlan", "batch_seed", "rank_plan", "resolve_device", "load_teacher",
+           "build_from_config", "run_synthesis", "run_distributed_synthesis", "synthesize_from_config",
+           "synthesize_distributed_from_config", "format_throughput", "write_tensors", "run_meta"]
 
 
 @dataclass
@@ -171,6 +179,7 @@ def build_from_config(cfg: SynthesizeConfig, method_options: dict[str, Any] | No
     (``key=value`` strings; these win).
     """
     import dfkd_fast.synthesis as synthesis
+    from dfkd_fast.synthesis.base import COMPILE_MODES, PRECISIONS
 
     image_size = parse_image_size(cfg.image_size)
     if cfg.num_images < 1:
@@ -181,6 +190,10 @@ def build_from_config(cfg: SynthesizeConfig, method_options: dict[str, Any] | No
         raise ValueError(f"--shard-size must be >= 1, got {cfg.shard_size}")
     if cfg.store not in ("uint8", "fp16"):
         raise ValueError(f"--store must be uint8 or fp16, got {cfg.store!r}")
+    if cfg.compile not in COMPILE_MODES:
+        raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     cls = _method_class(cfg.method)
     opts = dict(method_options or {})
     opts.update(parse_opts(cls.Config, cfg.opt))
@@ -208,7 +221,8 @@ def build_from_config(cfg: SynthesizeConfig, method_options: dict[str, Any] | No
                          "(a folder of PNG/JPEG files or a transfer-set directory)")
     synth = synthesis.build_synthesizer(cfg.method, teacher, cfg.num_classes, image_size, batch_size=cfg.batch_size,
                                         mean=mean, std=std, device=device, backend=cfg.backend, seed=cfg.seed,
-                                        student=student, **opts, **extra)
+                                        student=student, compile=cfg.compile, precision=cfg.precision,
+                                        **opts, **extra)
     return teacher, synth, image_size
 
 
@@ -216,97 +230,185 @@ def _new_stats(k: int) -> dict[str, Any]:
     return {"hist": [0] * k, "conf_sum": 0.0, "seconds": 0.0, "images": 0}
 
 
-def run_synthesis(synth: Any, out: str, num_images: int, *, meta: dict[str, Any] | None = None,
-                  shard_size: int = 1024, store: str = "uint8", resume: bool = False, seed: int = 0,
-                  preview: int = 64, progress: bool = True) -> SynthesisSummary:
-    """Synthesize ``num_images`` images with ``synth`` into a transfer set at ``out``, resumably.
+@dataclass(frozen=True)
+class RankPlan:
+    """Rank r's share of a run: global batches ``[first_batch, first_batch + batches)`` holding ``images``."""
+
+    first_batch: int
+    batches: int
+    images: int
+
+
+def rank_plan(num_images: int, batch_size: int, world_size: int) -> list[RankPlan]:
+    """Split ``ceil(num_images / batch_size)`` batches into ``world_size`` contiguous, near-equal ranges.
+
+    Rank r gets global batches ``[floor(nb r / W), floor(nb (r + 1) / W))``; only the run's last batch may be
+    partial. The images of all ranks sum to ``num_images``. World size 1: one range with every batch.
+    """
+    if num_images < 1 or batch_size < 1 or world_size < 1:
+        raise ValueError(f"rank_plan: need num_images, batch_size, world_size >= 1, got {num_images}, "
+                         f"{batch_size}, {world_size}")
+    nb = math.ceil(num_images / batch_size)
+    plans = []
+    for r in range(world_size):
+        lo, hi = nb * r // world_size, nb * (r + 1) // world_size
+        plans.append(RankPlan(lo, hi - lo, max(0, min(hi * batch_size, num_images) - lo * batch_size)))
+    return plans
+
+
+def format_throughput(per_rank: Sequence[dict[str, float]]) -> str:
+    """Lines ``rank r: images, seconds, images/s`` and the total (sum of images / slowest rank's seconds)."""
+    lines = [f"rank {int(p['rank'])}: {int(p['images'])} images in {p['seconds']:.2f} s -> "
+             f"{p['images_per_s']:.2f} images/s" for p in per_rank]
+    total = sum(int(p["images"]) for p in per_rank)
+    slowest = max((p["seconds"] for p in per_rank), default=0.0)
+    rate = total / slowest if slowest > 0 else float("nan")
+    lines.append(f"total: {total} images on {len(per_rank)} ranks in {slowest:.2f} s -> {rate:.2f} images/s")
+    return "\n".join(lines)
+
+
+def _max_int(x: int, ctx: DistContext) -> int:
+    """The maximum of ``x`` over ranks (``x`` itself for one process)."""
+    if ctx.world_size == 1:
+        return x
+    t = torch.tensor([[x]], dtype=torch.int64, device=ctx.device)
+    return int(comm.all_gather_rows(t).max())
+
+
+def run_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | None = None,
+                  meta: dict[str, Any] | None = None, shard_size: int = 1024, store: str = "uint8",
+                  resume: bool = False, seed: int = 0, preview: int = 64, progress: bool = True) -> SynthesisSummary:
+    """THE synthesis run loop: this rank's share of ``num_images`` images into one transfer set at ``out``, resumably.
+
+    A single process is world size 1 (``ctx=None``: :meth:`DistContext.local`); under ``torchrun`` every rank of
+    the group calls it with the same arguments and its own ``ctx`` (:func:`run_distributed_synthesis`). Rank r
+    synthesizes the global batches of :func:`rank_plan` ``[r]``, batch b seeded from :func:`batch_seed`
+    ``(seed, b, r)``, into its own shards; rank 0 writes ``manifest.json`` once every rank has closed its writer.
 
     Args:
-        synth: a ``dfkd_fast.synthesis.Synthesizer``.
-        out: transfer-set directory (``dfkd_fast.transfer_set.TransferSetWriter``).
+        synth: a ``dfkd_fast.synthesis.Synthesizer`` (on this rank's device).
+        out: transfer-set directory (``dfkd_fast.transfer_set.TransferSetWriter``; shared by all ranks).
+        num_images: images in the whole set (all ranks).
+        ctx: this process's place in the group (``dfkd_fast.distributed.init_distributed``); None: one process.
         meta: manifest metadata (method, hyper-parameters, teacher fingerprint ...).
         shard_size: images per shard, rounded up to a multiple of the batch size.
-        resume: continue the run found in ``out`` (its synthesizer state and statistics are restored).
-        seed: base seed; batch ``b`` is synthesized from :func:`batch_seed` ``(seed, b)``.
-        preview: images in the grid ``out/preview.png`` (teacher top-1 class and confidence per image).
+        resume: continue the run found in ``out`` (each rank restores its synthesizer state and statistics; a
+            method with :attr:`~dfkd_fast.synthesis.Synthesizer.shared_state` then takes rank 0's).
+        seed: base seed.
+        preview: images in the grid ``out/preview.png`` (teacher top-1 class and confidence per image; rank 0).
+        progress: a progress bar (rank 0) and, for a multi-process run, the throughput lines.
 
     Returns:
-        :class:`SynthesisSummary` (stored in the manifest as ``summary``).
+        :class:`SynthesisSummary` of the whole run (the same on every rank; stored in the manifest as
+        ``summary``). Under a process group (``ctx`` given) ``extra["distributed"]`` holds the world size and
+        per-rank images / seconds / images/s.
     """
-    from tqdm.auto import tqdm
+    from dfkd_fast.transfer_set import TransferSetWriter, add_to_manifest, finalize_manifest
 
-    from dfkd_fast.transfer_set import TransferSetWriter
-
+    distributed = ctx is not None
+    ctx = ctx if ctx is not None else DistContext.local(synth.device)
+    rank, world = ctx.rank, ctx.world_size
     bs = int(synth.batch_size)
     shard = int(math.ceil(shard_size / bs) * bs)
     k = int(synth.num_classes)
+    plan = rank_plan(num_images, bs, world)[rank]
     meta = dict(meta or {})
     meta.setdefault("method", getattr(synth, "name", type(synth).__name__))
     meta.setdefault("hparams", dataclasses.asdict(synth.config) if dataclasses.is_dataclass(synth.config) else {})
     meta.update(batch_size=bs, seed=int(seed), num_classes=k, image_size=list(synth.image_size),
                 dfkd_fast=dfkd_fast.__version__)
-    writer = TransferSetWriter(out, meta, shard_size=shard, store=store, soft_kind="logits", resume=resume)
+    if world > 1:  # the rank plan depends on it: a resume must use the same number
+        meta["num_images"] = int(num_images)
+    collective = synth.setup_comm() if world > 1 else False
+
+    def open_writer() -> TransferSetWriter:
+        return TransferSetWriter(out, meta, shard_size=shard, store=store, soft_kind="logits", rank=rank,
+                                 world_size=world, resume=resume)
+
+    writer = open_writer() if rank == 0 else None  # rank 0 first: it writes meta.json and clears temp files
+    ctx.barrier()
+    writer = writer or open_writer()
     done = int(writer.num_committed)
     stats = _new_stats(k)
-    saved = writer.state if done else None
     if done:
+        saved = writer.state
         if not isinstance(saved, dict) or "synth" not in saved or "runner" not in saved:
-            raise ValueError(f"{out}: the transfer set has {done} images but no saved synthesizer state; it was not "
+            raise ValueError(f"{out}: rank {rank} has {done} images but no saved synthesizer state; it was not "
                              "written by `dfkd-fast synthesize` and cannot be resumed")
         synth.load_state_dict(saved["synth"])
         stats = dict(saved["runner"])
         stats["hist"] = list(stats["hist"])
         if int(stats["images"]) != done:
             raise ValueError(f"{out}: saved state covers {stats['images']} images but {done} are committed")
-    if done % bs and done < num_images:
-        raise ValueError(f"{out}: {done} images written, not a multiple of --batch-size {bs}; resume with the "
-                         "batch size of the interrupted run")
-    preview_path = os.path.join(out, "preview.png")
-    t0 = time.perf_counter()
-    bar = tqdm(total=num_images, initial=min(done, num_images), desc=f"synthesize {meta['method']}", unit="img",
-               disable=not progress, dynamic_ncols=True)
+    if (world > 1 and done > plan.images) or (done % bs and done < plan.images):
+        raise ValueError(f"{out}: rank {rank} holds {done} images but its share is {plan.images} in batches of {bs}; "
+                         "resume with the --num-images, --batch-size and number of processes of the interrupted run")
+    if collective and resume:
+        synth.share_state(0)  # ranks may have saved at different batches: rank 0's shared state wins
     b = done // bs
+    steps = max(0, plan.batches - b)
+    if collective:  # lockstep: every rank makes the same number of synthesize calls (collectives inside)
+        steps = _max_int(steps, ctx)
+    preview_path = os.path.join(out, "preview.png")
+    bar = None
+    if progress and ctx.is_main:
+        from tqdm.auto import tqdm
+
+        where = f" (rank 0 of {world})" if world > 1 else ""
+        bar = tqdm(total=plan.images, initial=min(done, plan.images), desc=f"synthesize {meta['method']}{where}",
+                   unit="img", dynamic_ncols=True)
+    t0 = time.perf_counter()
     n = done
-    while n < num_images:
-        bseed = batch_seed(seed, b)
+    for _ in range(steps):
+        bseed = batch_seed(seed, b, rank)
         synth.generator.manual_seed(bseed)
         torch.manual_seed(bseed)
         res = synth.synthesize()
-        take = min(bs, num_images - n)
+        b += 1
+        if n >= plan.images:  # filler batch of a finished rank: keeps the collectives in lockstep, not written
+            continue
+        take = min(bs, plan.images - n)
         images, logits, probs = record_batch(stats, res, take, k)
-        if preview and not os.path.exists(preview_path):
+        if ctx.is_main and preview and not os.path.exists(preview_path):
             _save_preview(images[:preview], probs[:preview], preview_path)
         writer.add(images, logits, res.targets[:take].detach(), seed=bseed)
         n += take
-        b += 1
-        if n % shard == 0 or n >= num_images:  # a shard was just committed (or the run ends): save the state
+        if n % shard == 0 or n >= plan.images:  # a shard was just committed (or the range ends): save the state
             writer.state = {"synth": synth.state_dict(), "runner": dict(stats), "batches": b}
-        bar.update(take)
-        bar.set_postfix(img_s=f"{(n - done) / max(time.perf_counter() - t0, 1e-9):.1f}")
-    bar.close()
-    imgs = int(stats["images"])
-    secs = float(stats["seconds"])
-    summary = SynthesisSummary(images=imgs, seconds=secs, images_per_s=imgs / secs if secs > 0 else float("nan"),
-                               mean_confidence=float(stats["conf_sum"]) / max(imgs, 1),
-                               class_histogram=[int(c) for c in stats["hist"]], out=out,
-                               preview=preview_path if os.path.exists(preview_path) else None, resumed_from=done)
-    manifest = writer.close()
-    if manifest is not None:
-        _add_to_manifest(manifest, {"summary": dataclasses.asdict(summary)})
+        if bar is not None:
+            bar.update(take)
+            bar.set_postfix(img_s=f"{(n - done) / max(time.perf_counter() - t0, 1e-9):.1f}")
+    if bar is not None:
+        bar.close()
+    writer.close(finalize=False)
+    local = torch.tensor([rank, stats["images"], stats["seconds"], stats["conf_sum"], *stats["hist"]],
+                         dtype=torch.float64, device=ctx.device)
+    rows = comm.all_gather_rows(local.unsqueeze(0)).cpu() if world > 1 else local.unsqueeze(0).cpu()
+    per_rank = [{"rank": int(r[0]), "images": int(r[1]), "seconds": float(r[2]),
+                 "images_per_s": float(r[1] / r[2]) if r[2] > 0 else float("nan")} for r in rows]
+    imgs = int(rows[:, 1].sum())
+    secs = float(rows[:, 2].max())
+    summary = SynthesisSummary(
+        images=imgs, seconds=secs, images_per_s=imgs / secs if secs > 0 else float("nan"),
+        mean_confidence=float(rows[:, 3].sum()) / max(imgs, 1), class_histogram=[int(c) for c in
+                                                                                 rows[:, 4:].sum(0).tolist()],
+        out=out, preview=preview_path if os.path.exists(preview_path) else None, resumed_from=done)
+    if distributed:
+        summary.extra["distributed"] = {"world_size": world, "backend": ctx.backend, "per_rank": per_rank,
+                                        "total_images_per_s": summary.images_per_s}
+    if ctx.is_main:
+        add_to_manifest(finalize_manifest(out), {"summary": dataclasses.asdict(summary)})
+        if progress and distributed:
+            print(format_throughput(per_rank), flush=True)
+    ctx.barrier()  # the manifest exists before any rank returns
     return summary
 
 
-def _add_to_manifest(path: str, extra: dict[str, Any]) -> None:
-    """Add top-level keys to a finished ``manifest.json`` (atomic rewrite)."""
-    with open(path) as f:
-        manifest = json.load(f)
-    manifest.update(extra)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def run_distributed_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | None = None,
+                              **kwargs: Any) -> SynthesisSummary:
+    """This rank's part of a multi-process run: :func:`run_synthesis` with ``ctx`` (joined from torchrun's
+    environment by ``dfkd_fast.distributed.init_distributed`` when None). Same keyword arguments."""
+    return run_synthesis(synth, out, num_images, ctx=ctx or init_distributed(synth.device), **kwargs)
 
 
 def _save_preview(images: torch.Tensor, probs: torch.Tensor, path: str) -> None:
@@ -316,48 +418,45 @@ def _save_preview(images: torch.Tensor, probs: torch.Tensor, path: str) -> None:
 
 
 def run_meta(cfg: SynthesizeConfig, synth: Any, teacher: nn.Module) -> dict[str, Any]:
-    """The manifest metadata of a run: method, hyper-parameters, teacher spec and fingerprint, normalization."""
+    """The manifest metadata of a run: method, hyper-parameters, teacher spec and fingerprint, normalization,
+    backend, ``compile`` mode and ``precision``."""
     from dfkd_fast.transfer_set import teacher_fingerprint
 
     return {"method": synth.name, "hparams": dataclasses.asdict(synth.config),
             "teacher": {"spec": cfg.teacher, "weights": os.path.abspath(cfg.weights) if cfg.weights else None,
                         "fingerprint": teacher_fingerprint(teacher)},
-            "mean": parse_floats(cfg.mean, "mean"), "std": parse_floats(cfg.std, "std"), "backend": cfg.backend}
+            "mean": parse_floats(cfg.mean, "mean"), "std": parse_floats(cfg.std, "std"), "backend": cfg.backend,
+            "compile": cfg.compile, "precision": cfg.precision}
 
 
 def synthesize_from_config(cfg: SynthesizeConfig, method_options: dict[str, Any] | None = None,
                            progress: bool = True) -> SynthesisSummary:
     """``dfkd-fast synthesize``: build teacher + synthesizer from ``cfg`` and run :func:`run_synthesis`.
 
-    With ``cfg.distributed`` (under torchrun) this process runs its rank's part of the set instead
-    (:func:`dfkd_fast.distributed.synthesize_distributed_from_config`).
+    With ``cfg.distributed`` (under torchrun) this process joins the group, builds its synthesizer on its
+    rank's device, runs its rank's part of the set and leaves the group; ``summary.extra["distributed"]`` then
+    also holds this process's ``rank`` and ``wall_seconds``.
     """
-    if cfg.distributed:
-        from dfkd_fast.distributed import synthesize_distributed_from_config
+    if not cfg.distributed:
+        teacher, synth, _ = build_from_config(cfg, method_options)
+        return run_synthesis(synth, cfg.out, cfg.num_images, meta=run_meta(cfg, synth, teacher),
+                             shard_size=cfg.shard_size, store=cfg.store, resume=cfg.resume, seed=cfg.seed,
+                             preview=cfg.preview, progress=progress)
+    ctx = init_distributed(cfg.device)
+    try:
+        cfg = dataclasses.replace(cfg, device=str(ctx.device))
+        teacher, synth, _ = build_from_config(cfg, method_options)
+        t0 = time.perf_counter()
+        summary = run_synthesis(synth, cfg.out, cfg.num_images, ctx=ctx, meta=run_meta(cfg, synth, teacher),
+                                shard_size=cfg.shard_size, store=cfg.store, resume=cfg.resume, seed=cfg.seed,
+                                preview=cfg.preview, progress=progress and ctx.is_main)
+        summary.extra["distributed"].update(rank=ctx.rank, wall_seconds=time.perf_counter() - t0)
+        return summary
+    finally:
+        shutdown(ctx)
 
-        return synthesize_distributed_from_config(cfg, method_options, progress=progress)
-    teacher, synth, image_size = build_from_config(cfg, method_options)
-    meta = run_meta(cfg, synth, teacher)
-    return run_synthesis(synth, cfg.out, cfg.num_images, meta=meta, shard_size=cfg.shard_size, store=cfg.store,
-                         resume=cfg.resume, seed=cfg.seed, preview=cfg.preview, progress=progress)
 
-
-def write_tensors(out: str, images: torch.Tensor, logits: torch.Tensor, meta: dict[str, Any],
-                  shard_size: int = 4096) -> str:
-    """Write in-memory images (uint8, or float in [0, 1]) and teacher logits as a transfer set at ``out``.
-
-    Shape: images (N, C, H, W), logits (N, K).
-    """
-    from dfkd_fast.transfer_set import TransferSetWriter
-
-    if images.shape[0] != logits.shape[0]:
-        raise ValueError(f"images and logits must be equally many, got {images.shape[0]} and {logits.shape[0]}")
-    x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-    meta = dict(meta)
-    meta.update(num_images=int(x.shape[0]), num_classes=int(logits.shape[1]), image_size=list(x.shape[1:]))
-    writer = TransferSetWriter(out, meta, shard_size=shard_size, store="uint8", soft_kind="logits")
-    for i in range(0, x.shape[0], shard_size):
-        lg = logits[i:i + shard_size].float().cpu()
-        writer.add(x[i:i + shard_size].cpu(), lg, lg.argmax(1))
-    writer.close()
-    return out
+def synthesize_distributed_from_config(cfg: SynthesizeConfig, method_options: dict[str, Any] | None = None,
+                                       progress: bool = True) -> SynthesisSummary:
+    """``dfkd-fast synthesize --distributed``: :func:`synthesize_from_config` with ``cfg.distributed=True``."""
+    return synthesize_from_config(dataclasses.replace(cfg, distributed=True), method_options, progress)

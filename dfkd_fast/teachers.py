@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd_fast.classifiers import accuracy
+from dfkd_fast.classifiers import normalize as _normalize
 from dfkd_fast.datasets import mnist5k, tensor_loader
 from dfkd_fast.models import build_model, load_model, save_model
 
@@ -29,15 +31,6 @@ def default_cache_dir() -> str:
     return os.environ.get("DFKD_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dfkd_fast")
 
 
-def _normalize(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
-    if mean is None and std is None:
-        return x
-    c = x.shape[1]
-    m = torch.as_tensor(0.0 if mean is None else mean, dtype=x.dtype, device=x.device).reshape(-1)
-    s = torch.as_tensor(1.0 if std is None else std, dtype=x.dtype, device=x.device).reshape(-1)
-    if m.numel() not in (1, c) or s.numel() not in (1, c):
-        raise ValueError(f"mean/std must have 1 or {c} entries, got {m.numel()} and {s.numel()}")
-    return (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -87,19 +80,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     Shape:
         x: (N, C, H, W) in [0, 1]; y: (N,) int64. Returns a float in [0, 1].
     """
-    if len(x) != len(y):
-        raise ValueError(f"evaluate: x and y must have the same length, got {len(x)} and {len(y)}")
-    if len(x) == 0:
-        raise ValueError("evaluate: empty input")
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        xb = _normalize(x[i:i + batch_size].to(dev), mean, std)
-        correct += int((model(xb).argmax(1).cpu() == y[i:i + batch_size].cpu()).sum())
-    model.train(was_training)
-    return correct / len(x)
+    return accuracy(model, x, y, mean, std, batch_size=batch_size, device=device, name="evaluate")
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, epochs: int = 10, lr: float = 1e-3,

@@ -3,6 +3,9 @@
 Each ``<op>.py`` holds ``<op>_ref`` (pure PyTorch, fp32 accumulation: the spec, test oracle, eager
 baseline and CPU fallback), private ``@triton.jit`` kernels, and host launchers ``<op>_fwd`` /
 ``<op>_bwd`` (checks, allocation, grid, launch; no autograd). Importing works without Triton.
+Each ``<op>.py`` also lists, in ``aot_specializations()``, every kernel variant its launchers pick on a GPU
+(built from the same config tables); ``kernels/aot.py`` compiles them ahead of time for sm_90 / sm_80 without
+a GPU: ``python -m dfkd_fast.kernels.aot --arch 90 80``.
 """
 from __future__ import annotations
 

@@ -83,16 +83,17 @@ def layer_loss_ref(mean: torch.Tensor, var: torch.Tensor, rmean: torch.Tensor, r
     raise ValueError(f"bn_stat_loss: kind must be 'l2', 'kl' or 'mse', got {kind!r}")
 
 
-def bn_stat_loss_ref(feats: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor],
-                     running_vars: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor | None = None,
-                     kind: str = "l2", momentum_stats: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                     momentum: float = 0.0) -> torch.Tensor:
-    """Total BN-prior loss L = sum_l w_l L_l over layers (SPEC §3.1), fp32 scalar.
+def bn_stat_layer_losses_ref(feats: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor],
+                             running_vars: Sequence[torch.Tensor],
+                             weights: Sequence[float] | torch.Tensor | None = None, kind: str = "l2",
+                             momentum_stats: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+                             momentum: float = 0.0) -> torch.Tensor:
+    """Weighted per-layer BN-prior terms w_l L_l (SPEC §3.1), stacked: (L,) fp32 (float64 for float64 feats).
 
     With ``momentum_stats[l] = (mean_bar, var_bar)`` the batch stats are blended first:
     mean <- (1 - momentum) mean + momentum mean_bar (same for var) -- FastDFKD.
     """
-    total = None
+    terms = []
     for i, (x, rm, rv) in enumerate(zip(feats, running_means, running_vars, strict=True)):
         mean, var = bn_stats_ref(x)
         if momentum_stats is not None and momentum_stats[i] is not None:
@@ -102,16 +103,33 @@ def bn_stat_loss_ref(feats: Sequence[torch.Tensor], running_means: Sequence[torc
         term = layer_loss_ref(mean, var, rm, rv, kind)
         if weights is not None:
             term = term * weights[i]
-        total = term if total is None else total + term
-    if total is None:
+        terms.append(term)
+    if not terms:
         raise ValueError("bn_stat_loss: got no layers")
-    return total
+    dtype = terms[0].dtype
+    for t in terms[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.stack([t.to(dtype) for t in terms])
+
+
+def bn_stat_loss_ref(feats: Sequence[torch.Tensor], running_means: Sequence[torch.Tensor],
+                     running_vars: Sequence[torch.Tensor], weights: Sequence[float] | torch.Tensor | None = None,
+                     kind: str = "l2", momentum_stats: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     momentum: float = 0.0) -> torch.Tensor:
+    """Total BN-prior loss L = sum_l w_l L_l over layers (SPEC §3.1), fp32 scalar.
+
+    With ``momentum_stats[l] = (mean_bar, var_bar)`` the batch stats are blended first:
+    mean <- (1 - momentum) mean + momentum mean_bar (same for var) -- FastDFKD.
+    """
+    return bn_stat_layer_losses_ref(feats, running_means, running_vars, weights, kind, momentum_stats,
+                                    momentum).sum()
 
 
 def stat_loss_terms_ref(mean: torch.Tensor, var: torch.Tensor, rmean: torch.Tensor, rvar: torch.Tensor,
                         offsets: torch.Tensor, weights: torch.Tensor, kind: str,
                         mean_bar: torch.Tensor | None = None, var_bar: torch.Tensor | None = None,
-                        beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        beta: torch.Tensor | None = None, segment: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted per-layer loss terms and their gradients over concatenated stats (vectorized torch).
 
     Layer l owns channels ``offsets[l]:offsets[l+1]``. With momentum, the stats are first blended per
@@ -123,11 +141,16 @@ def stat_loss_terms_ref(mean: torch.Tensor, var: torch.Tensor, rmean: torch.Tens
         kl: w_l sum_c [0.5 log(v2/v1) + (v1 + (m'-m_run)^2)/(2 v2) - 0.5], v1 = v' + eps, v2 = v_run + eps.
 
     Shape: mean, var, rmean, rvar, mean_bar, var_bar, beta (sum_l C_l,); offsets (L+1,) int;
-    weights (L,) -> losses (L,), g_mean (sum C,), g_var (sum C,), all fp32.
+    weights (L,); segment (sum C,) int64 = the layer of each channel, or None (derived from offsets without a
+    data-dependent shape) -> losses (L,), g_mean (sum C,), g_var (sum C,), all fp32.
     """
     n_layers = offsets.numel() - 1
-    counts = (offsets[1:] - offsets[:-1]).to(torch.long)
-    seg = torch.repeat_interleave(torch.arange(n_layers, device=mean.device), counts)
+    counts = (offsets[1:] - offsets[:-1]).to(device=mean.device, dtype=torch.long)
+    if segment is None:  # channel c belongs to the layer whose range [offsets[l], offsets[l+1]) holds c
+        chan = torch.arange(mean.numel(), device=mean.device, dtype=torch.long)
+        seg = torch.searchsorted(offsets[1:].to(device=mean.device, dtype=torch.long), chan, right=True)
+    else:
+        seg = segment.to(device=mean.device, dtype=torch.long)
     m, v = mean.float(), var.float()
     rm, rv = rmean.float(), rvar.float()
     factor = None
@@ -346,16 +369,40 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+#: Tiles (BLOCK_C, BLOCK_S) the launchers pick on a GPU: every tile holds TILE_ELEMS elements, 8 per thread at
+#: NUM_WARPS = 8 (measured with kernels/aot.py: <= 128 registers for the backward with the instance gradient,
+#: 255 and spills at 4 warps), and the set stays small (each entry is a compiled kernel variant; see
+#: ``aot_specializations``).
+#: Spatial-inner (NCHW): BLOCK_S is H*W rounded up to a power of 4, at most 512. Channels-inner
+#: (channels_last, and 2-D inputs viewed as (1, C, 1, N)): BLOCK_C is 16 or 64.
+TILE_ELEMS = 2048
+SPATIAL_TILES = tuple((TILE_ELEMS // s, s) for s in (1, 4, 16, 64, 256, 512))
+CHANNEL_TILES = tuple((c, TILE_ELEMS // c) for c in (16, 64))
+STAT_LOSS_BLOCK = 512
+NUM_WARPS = 8
+STAT_LOSS_WARPS = 4
+
+
+def _pow4_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 4
+    return p
+
+
 def _tiles(c: int, hw: int, channels_inner: bool) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_S): long spatial tiles for NCHW, wide channel tiles for channels_last."""
-    budget = 1024 if interpreting() else 2048
-    if channels_inner:
-        block_c = min(_next_pow2(c), 64)
-        block_s = max(1, min(_next_pow2(hw), budget // block_c))
-    else:
+    """(BLOCK_C, BLOCK_S) from :data:`SPATIAL_TILES` / :data:`CHANNEL_TILES` (small tiles when interpreting)."""
+    if interpreting():  # about 1 ms per loop iteration on the CPU: keep tiles tight around tiny test shapes
+        if channels_inner:
+            block_c = min(_next_pow2(c), 64)
+            return block_c, max(1, min(_next_pow2(hw), 1024 // block_c))
         block_s = min(_next_pow2(hw), 512)
-        block_c = max(1, min(_next_pow2(c), budget // block_s))
-    return block_c, block_s
+        return max(1, min(_next_pow2(c), 1024 // block_s)), block_s
+    if channels_inner:
+        block_c = 16 if c <= 16 else 64
+        return block_c, TILE_ELEMS // block_c
+    block_s = min(_pow4_at_least(hw), 512)
+    return TILE_ELEMS // block_s, block_s
 
 
 def _grid(n: int, c: int, hw: int, block_c: int, block_s: int, device: torch.device) -> tuple[int, int]:
@@ -395,7 +442,7 @@ def bn_stats_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     m2_p = torch.empty_like(mean_p)
     grid = (n, triton.cdiv(c, block_c), splits)
     _bn_stats_fwd_kernel[grid](x, mean_p, m2_p, n, c, h, w, s_n, s_c, s_h, s_w, chunk,
-                               BLOCK_C=block_c, BLOCK_S=block_s)
+                               BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
     record_launch("bn_stats_fwd")
     if splits > 1:
         counts = torch.clamp(hw - torch.arange(splits, device=x.device) * chunk, 0, chunk)
@@ -444,7 +491,8 @@ def bn_stats_bwd(x: torch.Tensor, mean: torch.Tensor, g_mean: torch.Tensor | Non
     grid = (n, triton.cdiv(c, block_c), splits)
     _bn_stats_bwd_kernel[grid](x, dx, mean.float().contiguous(), ga.contiguous(), gb.contiguous(), gi, c, h, w,
                                s_n, s_c, s_h, s_w, o_n, o_c, o_h, o_w, *g_strides, chunk,
-                               HAS_GI=g_inst is not None, BLOCK_C=block_c, BLOCK_S=block_s)
+                               HAS_GI=g_inst is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+                               num_warps=NUM_WARPS)
     record_launch("bn_stats_bwd")
     return dx
 
@@ -469,9 +517,46 @@ def stat_loss_fwd(mean: torch.Tensor, var: torch.Tensor, rmean: torch.Tensor, rv
     mb = mean_bar if has_mmt else mean
     vb = var_bar if has_mmt else var
     bt = beta if has_mmt else mean
-    max_c = int(mean.numel())
-    block = min(_next_pow2(max_c), 1024)
+    block = min(_next_pow2(int(mean.numel())), 1024) if interpreting() else STAT_LOSS_BLOCK
     _stat_loss_kernel[(n_layers,)](mean, var, rmean, rvar, mb, vb, bt, offsets.to(torch.int32), weights.float(),
-                                   losses, g_m, g_v, KL_EPS, KIND=KIND_IDS[kind], HAS_MMT=has_mmt, BLOCK=block)
+                                   losses, g_m, g_v, KL_EPS, KIND=KIND_IDS[kind], HAS_MMT=has_mmt, BLOCK=block,
+                                   num_warps=STAT_LOSS_WARPS)
     record_launch("stat_loss_fwd")
     return losses, g_m, g_v
+
+
+def aot_specializations() -> list:
+    """Every (kernel, dtype, tile, flag) variant the launchers above can pick on a GPU (see ``kernels/aot.py``).
+
+    bn_stats fwd / bwd: x in fp32 / fp16 / bf16 (the dtypes ``dfkd_fast.ops`` sends here) x every tile of
+    :data:`SPATIAL_TILES` and :data:`CHANNEL_TILES` (x HAS_GI for the backward); the loss kernel: every kind x
+    with / without FastDFKD momentum (its inputs are fp32 statistics).
+    """
+    from .aot import Specialization, signature, triton_dtype
+
+    specs = []
+    for dt in ("fp32", "fp16", "bf16"):
+        for block_c, block_s in SPATIAL_TILES + CHANNEL_TILES:
+            tile = f"BLOCK_C={block_c} BLOCK_S={block_s}"
+            sig, cx = signature(_bn_stats_fwd_kernel, {"X": f"*{dt}", "MEAN_P": "*fp32", "M2_P": "*fp32"},
+                                {"BLOCK_C": block_c, "BLOCK_S": block_s})
+            specs.append(Specialization("_bn_stats_fwd_kernel", f"x={dt} {tile}", _bn_stats_fwd_kernel, sig, cx,
+                                        NUM_WARPS))
+            for has_gi in (False, True):
+                sig, cx = signature(_bn_stats_bwd_kernel,
+                                    {"X": f"*{dt}", "DX": f"*{dt}", "MEAN": "*fp32", "GA": "*fp32", "GB": "*fp32",
+                                     "GI": "*fp32"},
+                                    {"HAS_GI": has_gi, "BLOCK_C": block_c, "BLOCK_S": block_s})
+                specs.append(Specialization("_bn_stats_bwd_kernel", f"x={dt} {tile} HAS_GI={int(has_gi)}",
+                                            _bn_stats_bwd_kernel, sig, cx, NUM_WARPS))
+    fp32 = triton_dtype("float32")
+    for kind in KINDS:
+        for has_mmt in (False, True):
+            ptrs = {name: f"*{fp32}" for name in ("MEAN", "VAR", "RM", "RV", "MB", "VB", "BETA", "WTS", "LOSS",
+                                                  "GM", "GV")}
+            ptrs.update(OFFS="*i32", KL_EPS_C="fp32")
+            sig, cx = signature(_stat_loss_kernel, ptrs,
+                                {"KIND": KIND_IDS[kind], "HAS_MMT": has_mmt, "BLOCK": STAT_LOSS_BLOCK})
+            specs.append(Specialization("_stat_loss_kernel", f"kind={kind} HAS_MMT={int(has_mmt)} "
+                                        f"BLOCK={STAT_LOSS_BLOCK}", _stat_loss_kernel, sig, cx, STAT_LOSS_WARPS))
+    return specs

@@ -180,10 +180,18 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------------
 # Host launchers (checks, allocation, grid, launch; no autograd)
 # ---------------------------------------------------------------------------------------------------
+#: (BLOCK_H, BLOCK_W) output tiles the launchers pick on a GPU (512 pixels, 4 per thread at NUM_WARPS = 4):
+#: wide rows for outputs wider than 8 pixels, tall narrow tiles otherwise. Each entry is a compiled kernel
+#: variant (see ``aot_specializations`` and kernels/aot.py).
+TILES = ((16, 32), (64, 8))
+NUM_WARPS = 4
+
+
 def _blocks(oh: int, ow: int) -> tuple[int, int]:
-    block_w = min(triton.next_power_of_2(ow), 32)
-    block_h = min(triton.next_power_of_2(oh), max(1, 512 // block_w))
-    return block_h, block_w
+    if interpreting():  # about 1 ms per loop iteration on the CPU: tiles tight around tiny test shapes
+        block_w = min(triton.next_power_of_2(ow), 32)
+        return min(triton.next_power_of_2(oh), max(1, 512 // block_w)), block_w
+    return TILES[0] if ow > 8 else TILES[1]
 
 
 def _prep_params(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, mean: torch.Tensor | None,
@@ -233,7 +241,7 @@ def crop_flip_fwd(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_
     record_launch("crop_flip_fwd")
     _crop_flip_fwd_kernel[grid](x, out, boxes_c, flip_c, mean_c, std_c, C, H, W, oh, ow, *x.stride(),
                                 HAS_NORM=has_norm, ACC=acc, BLOCK_H=bh, BLOCK_W=bw,
-                                num_warps=1 if interpreting() else 4)
+                                num_warps=1 if interpreting() else NUM_WARPS)
     return out
 
 
@@ -261,5 +269,29 @@ def crop_flip_bwd(grad_out: torch.Tensor, boxes: torch.Tensor, flip: torch.Tenso
     record_launch("crop_flip_bwd")
     _crop_flip_bwd_kernel[grid](grad_out, gx, boxes_c, flip_c, std_c, C, H, W, oh, ow, *grad_out.stride(),
                                 HAS_NORM=std is not None, ACC=acc, BLOCK_H=bh, BLOCK_W=bw,
-                                num_warps=1 if interpreting() else 4)
+                                num_warps=1 if interpreting() else NUM_WARPS)
     return gx if gx.dtype == dtype else gx.to(dtype)
+
+
+def aot_specializations() -> list:
+    """Every variant the launchers above pick on a GPU (see ``kernels/aot.py``): forward and backward for x in
+    fp32 / fp16 / bf16 / fp64 (fp64 arithmetic for fp64) x each tile of :data:`TILES` x HAS_NORM."""
+    from .aot import Specialization, signature
+
+    specs = []
+    for dt in ("fp32", "fp16", "bf16", "fp64"):
+        acc = "fp64" if dt == "fp64" else "fp32"
+        acc_tl = tl.float64 if dt == "fp64" else tl.float32
+        for bh, bw in TILES:
+            for has_norm in (False, True):
+                cx = {"HAS_NORM": has_norm, "ACC": acc_tl, "BLOCK_H": bh, "BLOCK_W": bw}
+                label = f"x={dt} BLOCK_H={bh} BLOCK_W={bw} HAS_NORM={int(has_norm)} w{NUM_WARPS}"
+                sig, c = signature(_crop_flip_fwd_kernel, {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}",
+                                                           "boxes_ptr": f"*{acc}", "flip_ptr": "*i8",
+                                                           "mean_ptr": f"*{acc}", "std_ptr": f"*{acc}"}, cx)
+                specs.append(Specialization("_crop_flip_fwd_kernel", label, _crop_flip_fwd_kernel, sig, c, NUM_WARPS))
+                sig, c = signature(_crop_flip_bwd_kernel, {"go_ptr": f"*{dt}", "gx_ptr": f"*{acc}",
+                                                           "boxes_ptr": f"*{acc}", "flip_ptr": "*i8",
+                                                           "std_ptr": f"*{acc}"}, cx)
+                specs.append(Specialization("_crop_flip_bwd_kernel", label, _crop_flip_bwd_kernel, sig, c, NUM_WARPS))
+    return specs

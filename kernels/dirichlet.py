@@ -91,16 +91,35 @@ if HAS_TRITON:
                      mask=(rows[:, None] < K) & (cols[None, :] < K))
 
 
+#: (BLOCK_M, BLOCK_N, BLOCK_F, num_warps) of the class-similarity kernel on a GPU (one compiled variant per
+#: weight dtype; see ``aot_specializations`` and kernels/aot.py).
+SIMILARITY_CONFIG = (32, 64, 32, 8)  # (16, 64, 64, 4) spilled (255 registers) on sm_90
+
+
 def class_similarity_fwd(weight: torch.Tensor) -> torch.Tensor:
     """Triton forward of :func:`class_similarity_ref` (no autograd). Shape: (K, F) any strides -> (K, K) fp32."""
     if not HAS_TRITON:
         raise RuntimeError("class_similarity_fwd needs Triton")
     k, f = weight.shape
     out = torch.empty((k, k), dtype=torch.float32, device=weight.device)
-    block_m, block_n = 16, (16 if interpreting() else 64)
-    block_f = 32 if interpreting() else 64
+    block_m, block_n, block_f, warps = (16, 16, 32, 1) if interpreting() else SIMILARITY_CONFIG
     _class_similarity_fwd_kernel[(triton.cdiv(k, block_m),)](
         weight, out, weight.stride(0), weight.stride(1), k, f,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_F=block_f, num_warps=1 if interpreting() else 4)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_F=block_f, num_warps=warps)
     record_launch("class_similarity_fwd")
     return out
+
+
+def aot_specializations() -> list:
+    """The class-similarity kernel for weights in fp32 / fp16 / bf16 (``dfkd_fast.ops`` keeps fp64 in torch) at
+    :data:`SIMILARITY_CONFIG` (see ``kernels/aot.py``). Not on the per-step path (once per run)."""
+    from .aot import Specialization, signature
+
+    bm, bn, bf, warps = SIMILARITY_CONFIG
+    specs = []
+    for dt in ("fp32", "fp16", "bf16"):
+        sig, c = signature(_class_similarity_fwd_kernel, {"w_ptr": f"*{dt}", "out_ptr": "*fp32"},
+                           {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_F": bf})
+        specs.append(Specialization("_class_similarity_fwd_kernel", f"w={dt} BLOCK_M={bm} BLOCK_N={bn} "
+                                    f"BLOCK_F={bf} w{warps}", _class_similarity_fwd_kernel, sig, c, warps, hot=False))
+    return specs

@@ -12,9 +12,9 @@ deterministic, no atomics), with ``P = softmax(Q K^T / T)`` row-wise.
 
 Layout: any 2-D strides (no copies). Accumulation: fp32 everywhere (``tl.dot`` with fp32 accumulator, IEEE
 fp32 products for fp32 inputs; fp16/bf16 inputs use tensor-core products on GPU). D is processed in chunks of
-at most ``MAX_BLOCK_D`` (128) columns, so any D works; past 128 it slows down (q/k chunks are re-read per key
-tile, and each backward program owns one D chunk and recomputes the logits), and for tiny M (< 64) launch
-overhead dominates.
+most ``GPU_TILES`` columns on a GPU (32 for fp32, 64 for fp16/bf16; ``MAX_BLOCK_D`` = 128 in the interpreter),
+so any D works; past one chunk it slows down (q/k chunks are re-read per key tile, and each backward program
+owns one D chunk and recomputes the logits), and for tiny M (< 64) launch overhead dominates.
 """
 from __future__ import annotations
 
@@ -183,17 +183,37 @@ if HAS_TRITON:
                  dk.to(dk_ptr.dtype.element_ty), mask=mask)
 
 
-MAX_BLOCK_D = 128  # D is processed in chunks of at most this many columns
+MAX_BLOCK_D = 128  # interpreter: D is processed in chunks of at most this many columns (GPU: GPU_TILES)
+
+
+#: GPU tiles, chosen with kernels/aot.py so that no kernel spills registers on sm_90 / sm_80
+#: (benchmarks/results/triton_aot_sm90.md). fp32 (IEEE products, no tensor cores): 32 x 32 logit tiles and
+#: D chunks of at most 32 (64 x 64 tiles spilled kilobytes per thread: 242-255 registers + up to 80 KB of
+#: local memory per thread for BLOCK_D = 128). fp16 / bf16 (tensor cores): 64 x 64 tiles; the query tile stays in
+#: registers for D <= 64 (BLOCK_D 16 or 64: with BLOCK_D = 32 the dk kernel spilled 16 bytes on sm_80), larger
+#: D streams 32-column chunks. Always 8 warps.
+#: Per dtype class: (BLOCK_M, BLOCK_N, BLOCK_D values for one chunk, BLOCK_D of the chunks when D is larger).
+GPU_TILES = {"fp32": (32, 32, (16, 32), 32), "lowp": (64, 64, (16, 64), 32)}
+GPU_WARPS = 8
+
+
+def _gpu_config(D: int, dtype: torch.dtype) -> tuple[int, int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, LOWP_DOT, num_warps) on a GPU: the table ``aot_specializations`` compiles.
+
+    SINGLE_D (one D chunk) holds exactly when D <= BLOCK_D."""
+    lowp = dtype in (torch.float16, torch.bfloat16)
+    bm, bn, singles, chunk = GPU_TILES["lowp" if lowp else "fp32"]
+    block_d = next((b for b in singles if D <= b), chunk)
+    return bm, bn, block_d, lowp, GPU_WARPS
 
 
 def _config(D: int, dtype: torch.dtype) -> tuple[int, int, int, bool, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, LOWP_DOT, num_warps) for a problem; one fixed config under the interpreter."""
-    block_d = max(16, min(MAX_BLOCK_D, 1 << (max(D, 1) - 1).bit_length()))
     if interpreting():
         # bf16/fp16 arithmetic is unreliable in the interpreter: products in fp32 there
+        block_d = max(16, min(MAX_BLOCK_D, 1 << (max(D, 1) - 1).bit_length()))
         return 32, 32, block_d, False, 4
-    lowp = dtype in (torch.float16, torch.bfloat16)
-    return 64, 64, block_d, lowp, 4
+    return _gpu_config(D, dtype)
 
 
 def _check_launch(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> None:
@@ -265,3 +285,29 @@ def info_nce_bwd(query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, gra
                                       num_warps=warps)
         record_launch("info_nce_bwd_dk")
     return dq, dk
+
+
+def aot_specializations() -> list:
+    """Every variant the launchers above pick on a GPU (see ``kernels/aot.py``): the three kernels for
+    query/keys in fp32 / fp16 / bf16 and every (BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, LOWP_DOT, num_warps) that
+    :func:`_gpu_config` returns for any D (D past 4 * MAX_BLOCK_D gives no new configuration)."""
+    from .aot import Specialization, signature, triton_dtype
+
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dt = triton_dtype(dtype)
+        configs = sorted({(*_gpu_config(d, dtype), d <= _gpu_config(d, dtype)[2])
+                          for d in range(1, 4 * MAX_BLOCK_D + 1)})
+        for bm, bn, bd, lowp, warps, single_d in configs:
+            cx = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "SINGLE_D": single_d, "LOWP_DOT": lowp}
+            label = f"{dt} BLOCK_M={bm} BLOCK_N={bn} BLOCK_D={bd} SINGLE_D={int(single_d)} LOWP={int(lowp)} w{warps}"
+            sig, c = signature(_info_nce_fwd_kernel, {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "loss_ptr": "*fp32",
+                                                      "lse_ptr": "*fp32", "scale": "fp32"}, cx)
+            specs.append(Specialization("_info_nce_fwd_kernel", label, _info_nce_fwd_kernel, sig, c, warps))
+            sig, c = signature(_info_nce_bwd_dq_kernel, {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "lse_ptr": "*fp32",
+                                                         "g_ptr": "*fp32", "dq_ptr": f"*{dt}", "scale": "fp32"}, cx)
+            specs.append(Specialization("_info_nce_bwd_dq_kernel", label, _info_nce_bwd_dq_kernel, sig, c, warps))
+            sig, c = signature(_info_nce_bwd_dk_kernel, {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "lse_ptr": "*fp32",
+                                                         "g_ptr": "*fp32", "dk_ptr": f"*{dt}", "scale": "fp32"}, cx)
+            specs.append(Specialization("_info_nce_bwd_dk_kernel", label, _info_nce_bwd_dk_kernel, sig, c, warps))
+    return specs

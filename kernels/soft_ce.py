@@ -179,18 +179,30 @@ if HAS_TRITON:
                 tl.store(gt_ptr + row * stride_gtn + offs, gt.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
+#: (BLOCK_K, num_warps) the launchers pick from (at most 8 elements per thread: at 16 per thread, BLOCK_K=4096
+#: with 8 warps, ptxas capped the KD kernel at 64 registers and spilled); K above the largest block streams over
+#: several tiles. Each entry is a compiled kernel variant (see ``aot_specializations`` and kernels/aot.py).
+BLOCK_K_CONFIGS = ((64, 1), (256, 2), (1024, 4), (MAX_BLOCK_K, 16))
+
+
 def _block_k(k: int, block_k: int | None) -> int:
     if block_k is not None:
         if block_k < 16 or block_k & (block_k - 1):
             raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
         return block_k
-    return min(MAX_BLOCK_K, max(16, triton.next_power_of_2(k)))
+    for block, _ in BLOCK_K_CONFIGS:
+        if k <= block:
+            return block
+    return MAX_BLOCK_K
 
 
 def _launch_cfg(block: int) -> dict[str, int]:
     if interpreting():
         return {"num_warps": 1}
-    return {"num_warps": 8 if block >= 2048 else (4 if block >= 512 else 1)}
+    for b, warps in BLOCK_K_CONFIGS:
+        if block <= b:
+            return {"num_warps": warps}
+    return {"num_warps": BLOCK_K_CONFIGS[-1][1]}
 
 
 def _acc(dtype: torch.dtype):
@@ -255,3 +267,31 @@ def kd_kl_div_fwd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         **_launch_cfg(block))
     record_launch("kd_kl_fwd")
     return loss, gs, gt
+
+
+def aot_specializations() -> list:
+    """Every variant the launchers above pick on a GPU (see ``kernels/aot.py``): for both kernels, each
+    (input dtype, second input dtype) in fp32 / fp16 / bf16 / fp64 pairs plus the autocast mix (bf16 logits,
+    fp32 targets) x each :data:`BLOCK_K_CONFIGS` entry x each (NEED_grad_a, NEED_grad_b) flag pair.
+    (An explicit ``block_k`` argument, a tuning knob, compiles more variants on demand.)"""
+    from .aot import Specialization, signature
+
+    specs = []
+    pairs = (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp64", "fp64"), ("bf16", "fp32"))
+    kernels = ((_soft_ce_fwd_kernel, "z_ptr", "y_ptr", "gz_ptr", "gy_ptr", "NEED_GZ", "NEED_GY"),
+               (_kd_kl_fwd_kernel, "s_ptr", "t_ptr", "gs_ptr", "gt_ptr", "NEED_GS", "NEED_GT"))
+    for fn, a, b, ga, gb, need_a, need_b in kernels:
+        floats = [n for n in ("inv_t", "temp", "scale") if n in fn.arg_names]
+        for da, db in pairs:
+            acc = "fp64" if da == "fp64" else "fp32"
+            for block, warps in BLOCK_K_CONFIGS:
+                for flag_a in (True, False):
+                    for flag_b in (False, True):
+                        types = {a: f"*{da}", b: f"*{db}", "loss_ptr": f"*{acc}",
+                                 ga: f"*{da}" if flag_a else f"*{acc}", gb: f"*{db}" if flag_b else f"*{acc}"}
+                        types.update({n: "fp32" for n in floats})  # Python floats are passed as fp32
+                        sig, cx = signature(fn, types, {"BLOCK_K": block, need_a: flag_a, need_b: flag_b,
+                                                        "ACC": tl.float64 if acc == "fp64" else tl.float32})
+                        label = f"{da}/{db} BLOCK_K={block} w{warps} {need_a}={int(flag_a)} {need_b}={int(flag_b)}"
+                        specs.append(Specialization(fn.__name__, label, fn, sig, cx, warps))
+    return specs

@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 from dfkd_fast.kernels.crop_flip import crop_flip_ref
 
-from dfkd_fast.augment import CropFlip, jitter_flip, sample_crop_boxes, sample_flips, sample_resized_crop_boxes
+from dfkd_fast.augment import (
+    CropFlip,
+    jitter_flip,
+    roll_flip,
+    sample_crop_boxes,
+    sample_flips,
+    sample_jitter,
+    sample_resized_crop_boxes,
+)
+from dfkd_fast.profiling import SyncCounter
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -143,6 +152,8 @@ def test_jitter_flip_is_roll_then_flip_for_the_whole_batch():
     gen = _gen(11)
     for _ in range(40):
         y, (dy, dx, flipped) = jitter_flip(x, (2, 1), p_flip=0.5, generator=gen, return_params=True)
+        assert dy.dtype == torch.int64 and flipped.dtype == torch.bool  # parameters stay tensors (no host read)
+        dy, dx, flipped = int(dy), int(dx), bool(flipped)
         assert abs(dy) <= 2 and abs(dx) <= 1
         want = torch.roll(x, (dy, dx), dims=(2, 3))
         torch.testing.assert_close(y, want.flip(3) if flipped else want, rtol=0, atol=0)
@@ -153,3 +164,56 @@ def test_jitter_flip_is_roll_then_flip_for_the_whole_batch():
     torch.testing.assert_close(x.grad, 2 * x.detach(), rtol=0, atol=1e-6)  # a permutation: grad is 2x
     with pytest.raises(ValueError):
         jitter_flip(x, -1)
+
+
+def test_jitter_draws_match_the_host_reference_and_make_no_sync():
+    """Same random stream as the former ``.item()`` version: randint dy, randint dx, rand flip; no host read."""
+    gen, ref = _gen(5), _gen(5)
+    x = torch.rand(2, 1, 7, 5)
+    with SyncCounter() as sc:
+        outs = [sample_jitter((3, 2), 0.5, generator=gen) for _ in range(20)]
+        views = [roll_flip(x, shift, flip) for shift, flip in outs]
+    assert sc.syncs == 0, sc.where
+    for (shift, flip), view in zip(outs, views, strict=True):
+        dy = int(torch.randint(-3, 4, (1,), generator=ref))
+        dx = int(torch.randint(-2, 3, (1,), generator=ref))
+        fl = bool(torch.rand(1, generator=ref) < 0.5)
+        assert shift.tolist() == [dy, dx] and bool(flip) == fl
+        want = torch.roll(x, (dy, dx), dims=(2, 3))
+        assert torch.equal(view, want.flip(3) if fl else want)
+
+
+def test_jitter_shift_and_flip_distribution():
+    """d_y, d_x uniform over {-m..m}, flip Bernoulli(p): empirical frequencies within ~4.5 sigma (2000 draws)."""
+    gen = _gen(7)
+    draws = [sample_jitter(2, 0.3, generator=gen) for _ in range(2000)]
+    shifts = torch.stack([s for s, _ in draws])
+    flips = torch.stack([f for _, f in draws]).float()
+    for d in range(2):
+        counts = torch.bincount(shifts[:, d] + 2, minlength=5).float() / 2000
+        assert counts.numel() == 5 and float((counts - 0.2).abs().max()) < 0.04
+    assert abs(float(flips.mean()) - 0.3) < 0.04
+    assert int(sample_jitter(0, 0.0, generator=gen)[0].abs().sum()) == 0  # m = 0: no shift
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 1, 1, 1), (3, 2, 5, 7)])  # non-square, minimal, odd sizes
+def test_roll_flip_compiles_fullgraph_with_exact_gradients(shape):
+    x = torch.rand(*shape, requires_grad=True)
+    shift = torch.tensor([-3, 2])
+    flip = torch.tensor(True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(roll_flip)(x, shift, flip)
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(roll_flip, fullgraph=True, backend="aot_eager")
+    for fl in (True, False):
+        flip = torch.tensor(fl)
+        want = torch.roll(x, (-3, 2), dims=(2, 3))
+        want = want.flip(3) if fl else want
+        got = compiled(x, shift, flip)
+        assert torch.equal(got, want)
+        g = torch.randn(shape)
+        (gx,) = torch.autograd.grad(got, x, g)
+        (wx,) = torch.autograd.grad(want, x, g)
+        assert torch.equal(gx, wx)  # the inverse permutation, exactly
+    cl = x.detach().contiguous(memory_format=torch.channels_last)  # channels_last input
+    assert torch.equal(roll_flip(cl, shift, torch.tensor(False)), torch.roll(cl, (-3, 2), dims=(2, 3)))

@@ -45,3 +45,29 @@ def test_bn_shape_lists():
     assert len(r34) == 36 and r34[0] == (256, 64, 32, 32) and r34[-1] == (256, 512, 4, 4)
     assert len(wrn) == 37 and wrn[0] == (256, 16, 32, 32) and wrn[-1] == (256, 128, 8, 8)
     assert sum(s[1] for s in wrn) > 0
+
+
+SYNTH_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_synthesis.py"
+
+
+def test_bench_synthesis_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_synthesis", SYNTH_BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_synthesis"] = bench  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(bench)
+    # one method at a small batch, every provider (compile="default" costs most of the time)
+    rows = bench.main(["--quick", "--methods", "deep_inversion", "--batch-sizes", "16", "--steps", "1", "6",
+                       "--repeats", "3", "--out", str(tmp_path)])
+    assert [(r["method"], r["teacher"], r["batch"]) for r in rows] == [("deep_inversion", "lenet5_bn", 16)]
+    data = json.loads((tmp_path / "synthesis_cpu_quick.json").read_text())
+    assert {"device", "cpu_count", "torch", "triton", "commit", "date", "command", "method"} <= set(data["meta"])
+    for r in data["rows"]:
+        for p in ("reference", "torch", "auto", "floor"):  # these always run; compile may be n/a (with a reason)
+            assert r["s_per_step"][p] > 0, (r["method"], p, r["na"])
+            assert r["aten_ops_per_step"][p] > 0 and r["syncs_per_step"][p] >= 0
+        assert r["s_per_step"].get("compile", 0) > 0 or r["na"]["compile"]  # compile is timed, not counted
+        assert r["syncs_per_step"]["reference"] >= 1  # loss.item() per step in the reference design
+        assert r["syncs_per_step"]["floor"] == 0
+        assert r["speedup_vs_reference"]["reference"] == 1.0 and r["x_floor"]["floor"] == 1.0
+    table = (tmp_path / "synthesis_cpu_quick.md").read_text()
+    assert "| deep_inversion | lenet5_bn | 16 |" in table and "x ref" in table

@@ -139,6 +139,34 @@ def test_synthesize_from_user_factory(weights, tmp_path, capsys):
         assert os.path.getsize(run / name) > 0
 
 
+def test_compile_and_precision_reach_the_synthesizer_and_manifest(weights, tmp_path, capsys, monkeypatch):
+    import dfkd_fast.synthesis as synthesis
+
+    seen = {}
+    build = synthesis.build_synthesizer
+
+    def spy(*a, **kw):
+        seen.update(compile=kw.get("compile"), precision=kw.get("precision"))
+        return build(*a, **kw)
+
+    monkeypatch.setattr(synthesis, "build_synthesizer", spy)
+    out = tmp_path / "bf16"
+    argv = ["synthesize", "--teacher", TINY, "--weights", weights, *BASE, "--method", "class_impressions",
+            "--iterations", "2", "--preview", "0", "--out", str(out)]
+    assert main([*argv, "--precision", "bf16"]) == 0, capsys.readouterr().err
+    assert seen == {"compile": "off", "precision": "bf16"}
+    meta = json.loads((out / "manifest.json").read_text())["meta"]
+    assert meta["precision"] == "bf16" and meta["compile"] == "off"
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path / "x"), "--compile", "fastest"]) != 0  # argparse choices
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+    cfg = tmp_path / "run.yaml"  # a YAML value is checked too, with the flag's name
+    cfg.write_text("precision: fp8\n")
+    assert main([*argv[:-1], str(tmp_path / "y"), "--config", str(cfg)]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("dfkd-fast: error:") and "--precision must be one of fp32, bf16, fp16" in err
+
+
 def test_yaml_config_and_override(weights, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"teacher: {TINY}\nweights: {weights}\nimage-size: 1,8,8\nmethod: class_impressions\n"

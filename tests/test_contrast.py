@@ -161,3 +161,56 @@ def test_cmi_loss_bad_input():
         cmi_contrastive_loss(head, torch.randn(3, 4), torch.randn(2, 4), None)
     with pytest.raises(ValueError, match="n_neg"):
         cmi_contrastive_loss(head, torch.randn(3, 4), torch.randn(3, 4), None, n_neg=-1)
+
+
+# ----------------------------------------------------------------------------- the ring buffer under both users
+def _per_row_pool(capacity, batches):
+    """The pre-RingBuffer ImagePool semantics, row by row: append until full, then overwrite the oldest."""
+    rows, nxt = [], 0
+    for batch in batches:
+        for r in batch:
+            if capacity is None or len(rows) < capacity:
+                rows.append(r)
+            else:
+                rows[nxt] = r
+                nxt = (nxt + 1) % capacity
+    return rows
+
+
+@pytest.mark.parametrize("capacity", [None, 1, 5, 8])  # grows; minimal; wraps mid-batch; oversized batch
+def test_ring_buffer_matches_row_by_row_writes(capacity):
+    from dfkd_fast.buffers import RingBuffer
+
+    sizes = (3, 0, 4, 9, 2)  # an empty batch, a batch larger than most capacities
+    batches, v = [], 0
+    for n in sizes:
+        batches.append(torch.arange(v, v + n, dtype=torch.float32))
+        v += n
+    ring = RingBuffer(capacity, {"x": ((), torch.float32), "y": ((2,), torch.int64)})
+    for b in batches:
+        ring.add(x=b, y=b.long().unsqueeze(1).repeat(1, 2))
+    want = _per_row_pool(capacity, [b.tolist() for b in batches])
+    assert ring.view("x").tolist() == want and len(ring) == len(want)
+    assert ring.view("y")[:, 1].tolist() == want  # fields stay row-aligned
+    total = sum(sizes)
+    oldest = list(range(total - len(want), total))
+    assert ring.ordered("x").tolist() == oldest
+    with pytest.raises(ValueError, match="same number of rows"):
+        ring.add(x=torch.zeros(2), y=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="fields"):
+        ring.add(x=torch.zeros(2))
+    ring.clear()
+    assert len(ring) == 0 and ring.view("x").numel() == 0
+
+
+def test_image_pool_is_a_ring_buffer():
+    from dfkd_fast.tasks.distill import ImagePool
+
+    pool = ImagePool((1, 2, 2), 3, torch.device("cpu"), capacity=5)
+    for i in range(4):  # 12 images into 5 slots
+        pool.add(torch.full((3, 1, 2, 2), i / 10), torch.full((3, 3), float(i)))
+    assert len(pool) == 5 and pool.images.dtype == torch.uint8
+    assert pool.logits[:, 0].tolist() == [3.0, 3.0, 2.0, 2.0, 3.0]  # 12 rows written round-robin into 5 slots
+    assert torch.equal(pool.images[:, 0, 0, 0], (pool.logits[:, 0] / 10 * 255).round().to(torch.uint8))
+    x = pool.sample(7, torch.Generator().manual_seed(0))
+    assert x.shape == (7, 1, 2, 2) and float(x.max()) <= 1.0

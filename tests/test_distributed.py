@@ -122,7 +122,21 @@ def _job_kill(rank: int, out: str, n: int, die_at: int, resume: bool) -> dict:
     return {"bank": module_checksum([local, global_]), "images": summary.images}
 
 
-JOBS = {"cmi": _job_cmi, "online": _job_online, "kill": _job_kill}
+def _job_comm(rank: int) -> dict:
+    from dfkd_fast import comm
+
+    rows = comm.all_gather_rows(torch.full((rank + 1, 2), float(rank)))  # unequal row counts: 1 and 2
+    a = torch.full((2, 3), float(rank + 1))
+    b = torch.full((4,), 10.0 * (rank + 1), dtype=torch.float64)
+    comm.all_reduce_mean_([a, None, b])  # mixed dtypes, a None gradient
+    t = [torch.full((2,), float(rank)), torch.full((3,), rank, dtype=torch.int64)]
+    comm.broadcast_tensors_(t, src=1)
+    obj = comm.broadcast_object({"from": rank}, src=0)
+    return {"rows": rows.tolist(), "a": a.tolist(), "b": b.tolist(), "t": [x.tolist() for x in t], "obj": obj,
+            "rank": comm.rank(), "world": comm.world_size()}
+
+
+JOBS = {"cmi": _job_cmi, "online": _job_online, "kill": _job_kill, "comm": _job_comm}
 
 
 def _worker(rank: int, world: int, init_file: str, result_dir: str, job: str, args: tuple) -> None:
@@ -194,6 +208,40 @@ def test_single_process_collectives_are_identity(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
         init_distributed("cpu")
+
+
+def test_comm_collectives_on_two_ranks(tmp_path):
+    res = _spawn(tmp_path, "comm")
+    for r, got in enumerate(res):
+        assert got["rank"] == r and got["world"] == 2
+        assert got["rows"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]  # rank order, counts kept
+        assert got["a"] == [[1.5] * 3] * 2 and got["b"] == [15.0] * 4  # means, each dtype on its own
+        assert got["t"] == [[1.0, 1.0], [1, 1, 1]]  # rank 1's tensors everywhere
+        assert got["obj"] == {"from": 0}
+
+
+def test_one_process_is_world_size_one_of_the_same_loop(tmp_path):
+    """run_synthesis without a context and with a 1-rank context write identical sets; only the summary's
+    ``extra["distributed"]`` differs. The hooks are no-ops for one process."""
+    from dfkd_fast.distributed import SHARED_STATE, DistContext, enable_distributed
+
+    plain = run_synthesis(_synth("cmi", CMI_HP), str(tmp_path / "a"), 6, shard_size=B, preview=0, progress=False,
+                          seed=4)
+    ranked = run_synthesis(_synth("cmi", CMI_HP), str(tmp_path / "b"), 6, ctx=DistContext.local("cpu"),
+                           shard_size=B, preview=0, progress=False, seed=4)
+    a, b = TransferSet(str(tmp_path / "a"), verify=True), TransferSet(str(tmp_path / "b"), verify=True)
+    assert torch.equal(a.images(), b.images()) and torch.equal(a.seeds(), b.seeds())
+    assert a.seeds().tolist() == [batch_seed(4, i // B) for i in range(6)]
+    assert plain.extra == {} and ranked.extra["distributed"]["world_size"] == 1
+    assert plain.class_histogram == ranked.class_histogram and plain.images == ranked.images == 6
+    synth = _synth("fast_meta", META_HP)
+    state = synth.state_dict()
+    assert enable_distributed(synth) is False and synth.distributed  # installed, but nothing to talk to
+    synth.share_state(0)
+    assert module_checksum(synth.netG) == module_checksum(_synth("fast_meta", META_HP).netG)
+    assert state["generator"].keys() == synth.state_dict()["generator"].keys()
+    assert SHARED_STATE == {"cmi": ("bank",), "fast_meta": ("generator", "meta_optimizer")}
+    assert _synth("deep_inversion", {"iterations": 1}).setup_comm() is False
 
 
 def test_no_flag_is_taken_by_torchrun():

@@ -244,3 +244,40 @@ def test_feature_probe_survives_inplace_activations(backend):
     ref_net(x_ref.to(dtype))
     ref.code().sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_probe_repacks_changed_running_stats_and_restores_momentum(backend):
+    """Constants are packed once, but an in-place change of a running statistic (load_state_dict, train-mode BN)
+    is picked up; the moving averages round-trip through momentum_stats / set_momentum_stats (resume)."""
+    net = _teacher()
+    probe = TeacherProbe(net, momentum=0.9, backend=backend)
+    x = torch.rand(3, 3, 6, 6)
+    net(x)
+    before = probe.bn_loss()
+    consts = probe.constants
+    assert probe.constants is consts  # reused, not re-packed per call
+    with torch.no_grad():
+        net.body[1].running_mean.add_(1.0)  # in place: same tensor, new version
+    net(x)
+    after = probe.bn_loss()
+    assert probe.constants is not consts
+    ref, hooks = _naive(net, x, 1.0)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+    probe.update_momentum()
+    saved = [(m.clone(), v.clone()) for m, v in probe.momentum_stats]
+    net(torch.rand(3, 3, 6, 6))
+    probe.update_momentum()
+    probe.set_momentum_stats(saved)
+    for (m, v), (sm, sv) in zip(probe.momentum_stats, saved, strict=True):
+        torch.testing.assert_close(m, sm)
+        torch.testing.assert_close(v, sv)
+    probe._mmt = [None] * 3  # the former attribute still works (setter)
+    assert probe.momentum_stats == [None, None, None]
+    probe.clear()
+    with pytest.raises(RuntimeError, match="no BN input captured"):
+        probe.bn_loss()
+    probe.remove()

@@ -299,3 +299,82 @@ def test_fused_backend_runs_and_matches_torch_loss_curve(method):
     after = [ext.call_count(n) for n in names]
     counts = dict(zip(names, zip(before, after, strict=True), strict=True))
     assert all(x > y for x, y in zip(after, before, strict=True)), counts
+
+
+# ---------------------------------------------------------------- the generator base
+def test_non_finite_loss_names_method_batch_and_step():
+    teacher = _teacher(False)
+    with torch.no_grad():
+        teacher[-1].bias[0] = float("inf")  # logits +inf -> the CE becomes NaN
+    synth = DAFL(teacher, K, IMG, batch_size=8, iterations=3, **TINY)
+    with pytest.raises(ValueError, match=r"dafl: the synthesis loss became nan at step 0 of batch 0"):
+        synth.synthesize()
+
+
+def test_persistent_probe_captures_only_inside_a_batch():
+    """The probe is built once; between batches the teacher's forward costs what the bare teacher costs."""
+    from dfkd_fast.profiling import SyncCounter
+
+    synth = _cmi(iterations=2)
+    x = torch.rand(4, *IMG)
+
+    def teacher_ops() -> int:
+        with torch.no_grad(), SyncCounter() as sc:
+            synth.teacher(x)
+        return sc.aten_ops
+
+    probe = synth.probe
+    with probe.paused():
+        bare = teacher_ops()
+    plain = _teacher(True)
+    with torch.no_grad(), SyncCounter() as sc:
+        plain(x)
+    assert bare == sc.aten_ops  # paused hooks run no op
+    assert teacher_ops() == bare
+    synth.synthesize()
+    assert synth.probe is probe and teacher_ops() == bare
+    with synth.batch():
+        assert teacher_ops() > bare  # capturing: one stats pass per BN input
+
+
+def test_adversarial_loss_kinds():
+    from dfkd_fast import ops
+    from dfkd_fast.synthesis.losses import adversarial_decision_loss
+
+    students = nn.ModuleList([_student(1), _student(2)])
+    synth = DFQ(_teacher(True), K, IMG, batch_size=8, student=students, **TINY)
+    x, t = torch.rand(8, *IMG), torch.randn(8, K)
+    kl = sum(ops.kd_kl_div(s(x), t, 2.0) for s in students) / 2
+    torch.testing.assert_close(synth.adversarial_loss(x, t, "kl", 2.0), -kl)
+    dec = sum(adversarial_decision_loss(s(x), t, 2.0) for s in students) / 2
+    torch.testing.assert_close(synth.adversarial_loss(x, t, "decision", 2.0), dec)
+    with pytest.raises(ValueError, match="'kl' or 'decision'"):
+        synth.adversarial_loss(x, t, "js")
+    with pytest.raises(ValueError, match="needs a student"):
+        DFQ(_teacher(True), K, IMG, batch_size=8, **TINY).adversarial_loss(x, t)
+
+
+@pytest.mark.parametrize("meta", ["fomaml", "reptile"])
+def test_fast_meta_meta_gradient(meta):
+    """FOMAML: the meta-gradient is the sum of the inner gradients of theta'; Reptile: theta - theta'."""
+    synth = _fast(meta=meta, bn_mmt=0.0)
+    inner: list[list[torch.Tensor]] = []
+    step = synth._step
+
+    def recording(*args):
+        out = step(*args)
+        inner.append([g.clone() for g in out[-1][:len(synth._fast_params)]])
+        return out
+
+    synth._step_fn = recording
+    theta = [p.detach().clone() for p in synth.netG.parameters()]
+    seen = {}
+    synth.meta_optimizer.step = lambda: seen.update(grads=[p.grad.clone() for p in synth.netG.parameters()])
+    synth.synthesize()
+    assert len(inner) == 3
+    if meta == "fomaml":
+        expected = [sum(gs) for gs in zip(*inner, strict=True)]
+    else:
+        expected = [a - b for a, b in zip(theta, synth.fast.parameters(), strict=True)]
+    for got, want in zip(seen["grads"], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -188,6 +188,19 @@ def test_bad_inputs(plain_teacher):
         syn.synthesize(torch.tensor([0, K]))
 
 
+def test_data_impressions_runs_on_the_named_cpp_backend(plain_teacher):
+    """backend="cpp": the hot ops use the extension; the one-off class similarity (no C++ kernel) its reference."""
+    from dfkd_fast import _backend
+
+    ext = _backend.extension()
+    if ext is None or not hasattr(ext, "soft_ce_fwd"):
+        pytest.skip("the C++ extension dfkd_fast._C is not built")
+    before = ext.call_count("soft_ce_fwd")
+    res = DataImpressions(plain_teacher, K, IMG, batch_size=2, iterations=2, backend="cpp").synthesize()
+    _check_result(res, 2, soft=True)
+    assert ext.call_count("soft_ce_fwd") > before
+
+
 def test_data_impressions_needs_linear_classifier():
     conv_head = nn.Sequential(nn.Conv2d(3, K, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # no nn.Linear
     with pytest.raises(ValueError, match="class_impressions"):
@@ -206,9 +219,9 @@ def test_deep_inversion_loss_decreases_and_best_is_copy(bn_teacher):
     from dfkd_fast.synthesis.deep_inversion import DeepInversion
 
     class Spy(DeepInversion):
-        def step_loss(self, x, targets, probe):
+        def step_loss(self, x, targets, *view):
             self.pixels = x
-            return super().step_loss(x, targets, probe)
+            return super().step_loss(x, targets, *view)
 
     syn = Spy(bn_teacher, K, IMG, batch_size=6, iterations=20, seed=1)
     assert syn.max_shift == 1 and syn.config.betas == (0.5, 0.99)
@@ -220,6 +233,48 @@ def test_deep_inversion_loss_decreases_and_best_is_copy(bn_teacher):
     with torch.no_grad():
         syn.pixels.fill_(0.123)  # mutate the optimized tensor afterwards
     torch.testing.assert_close(res.images, kept, rtol=0, atol=0)
+
+
+def test_deep_inversion_keeps_one_probe_paused_outside_batches(bn_teacher):
+    from dfkd_fast.synthesis.deep_inversion import DeepInversion
+
+    syn = DeepInversion(bn_teacher, K, IMG, batch_size=2, iterations=2, seed=1)
+    probe = syn.probe
+    hooks = len(bn_teacher._forward_pre_hooks)
+    syn.synthesize()
+    syn.synthesize()
+    assert syn.probe is probe and len(bn_teacher._forward_pre_hooks) == hooks  # reused, not re-registered
+    with torch.no_grad():
+        bn_teacher(torch.rand(2, *IMG))  # another user of the teacher outside a batch: not captured
+    assert all(s is None for s in probe._stats)
+    del syn
+    import gc
+
+    from dfkd_fast.synthesis.pixel_base import remove_dead_probes
+
+    gc.collect()
+    assert len(bn_teacher._forward_pre_hooks) == hooks  # never removed inside a garbage collection ...
+    remove_dead_probes()  # ... but at the next safe point (the next pixel batch or probe)
+    assert len(bn_teacher._forward_pre_hooks) == hooks - 1
+
+
+@pytest.mark.parametrize("name", ["class_impressions", "deep_inversion", "impression_space"])
+def test_non_finite_loss_names_method_and_first_bad_step(name, bn_teacher):
+    """The loss stays on the device; the batch end reads it once and names the first non-finite step."""
+    cls = REGISTRY[name]
+
+    class Exploding(cls):
+        calls = 0
+
+        def step_loss(self, x, targets, *view):
+            loss = super().step_loss(x, targets, *view)
+            Exploding.calls += 1
+            return loss * float("nan") if Exploding.calls >= 3 else loss
+
+    extra = {"reference_images": torch.rand(4, *IMG)} if name == "impression_space" else {}
+    syn = Exploding(bn_teacher, K, IMG, batch_size=2, iterations=5, **extra)
+    with pytest.raises(ValueError, match=rf"{name}: the loss became nan at step 2; lower lr"):
+        syn.synthesize()
 
 
 def test_adi_competition_with_student(bn_teacher):

@@ -1,5 +1,21 @@
-"""Fused hot-path ops (SPEC §2-§3). Every op takes ``backend="auto"|"triton"|"cpp"|"torch"``."""
-from dfkd_fast.ops.bn_stats import bn_stat_loss, bn_stat_loss_from_stats, bn_stats, channel_stats
+"""Fused hot-path ops (SPEC §2-§3). Every op takes ``backend="auto"|"triton"|"cpp"|"torch"``.
+
+The fused paths are ``torch.library.custom_op`` s in the ``dfkd_fast`` namespace (fake implementation +
+autograd), so ``torch.compile(fullgraph=True)`` traces every op; value checks are device flags inside
+:func:`dfkd_fast._checks.deferred` (no host sync per call). Helpers of the BN-prior loss that are not ops
+(``StatConstants``, ``pack_stat_constants``, ``pack_momentum``, ``bn_stat_loss_packed``) are importable from
+here too but are not listed in ``__all__`` / ``OP_BACKENDS``.
+"""
+from dfkd_fast.ops.bn_stats import (
+    StatConstants,
+    bn_stat_loss,
+    bn_stat_loss_from_stats,
+    bn_stat_loss_packed,
+    bn_stats,
+    channel_stats,
+    pack_momentum,
+    pack_stat_constants,
+)
 from dfkd_fast.ops.crop_flip import crop_flip
 from dfkd_fast.ops.dirichlet import beta_mixture, class_similarity, dirichlet_targets
 from dfkd_fast.ops.info_nce import info_nce

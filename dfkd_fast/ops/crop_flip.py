@@ -13,18 +13,29 @@ import torch
 from dfkd_fast import _backend, _checks
 from dfkd_fast.kernels import crop_flip as _k
 from dfkd_fast.kernels.crop_flip import crop_flip_ref
+from dfkd_fast.ops._registry import fused_op
 
 __all__ = ["crop_flip", "CropFlipFunction"]
 
 _OP = "crop_flip"
 
 
-@torch.library.custom_op("dfkd_fast::crop_flip_fwd", mutates_args=())
-def _crop_flip_fwd_op(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_h: int, out_w: int,
-                      mean: torch.Tensor | None, std: torch.Tensor | None, backend: str) -> torch.Tensor:
+def _crop_flip_fwd_impl(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_h: int, out_w: int,
+                        mean: torch.Tensor | None, std: torch.Tensor | None, backend: str) -> torch.Tensor:
     if backend == "triton":
         return _k.crop_flip_fwd(x, boxes, flip, (out_h, out_w), mean, std)
     return _backend.extension().crop_flip_fwd(x, boxes, flip, out_h, out_w, mean, std)
+
+
+def _crop_flip_bwd_impl(grad_out: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, in_h: int, in_w: int,
+                        std: torch.Tensor | None, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _k.crop_flip_bwd(grad_out, boxes, flip, (in_h, in_w), std, grad_out.dtype)
+    return _backend.extension().crop_flip_bwd(grad_out, boxes, flip, in_h, in_w, std)
+
+
+_crop_flip_fwd_op = torch.library.custom_op("dfkd_fast::crop_flip_fwd", mutates_args=())(_crop_flip_fwd_impl)
+_crop_flip_bwd_op = torch.library.custom_op("dfkd_fast::crop_flip_bwd", mutates_args=())(_crop_flip_bwd_impl)
 
 
 @_crop_flip_fwd_op.register_fake
@@ -33,44 +44,45 @@ def _(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_h: int, out_
     return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
 
 
-@torch.library.custom_op("dfkd_fast::crop_flip_bwd", mutates_args=())
-def _crop_flip_bwd_op(grad_out: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, in_h: int, in_w: int,
-                      std: torch.Tensor | None, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return _k.crop_flip_bwd(grad_out, boxes, flip, (in_h, in_w), std, grad_out.dtype)
-    return _backend.extension().crop_flip_bwd(grad_out, boxes, flip, in_h, in_w, std)
-
-
 @_crop_flip_bwd_op.register_fake
 def _(grad_out: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, in_h: int, in_w: int,
       std: torch.Tensor | None, backend: str) -> torch.Tensor:
     return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], in_h, in_w))
 
 
-class CropFlipFunction(torch.autograd.Function):
-    """Autograd wrapper of the fused forward/backward (``backend`` is ``"triton"`` or ``"cpp"``).
+def _setup(ctx, inputs, output) -> None:
+    x, boxes, flip, _, _, _, std, backend = inputs
+    ctx.save_for_backward(boxes, flip, std)
+    ctx.in_hw = (x.shape[2], x.shape[3])
+    ctx.x_dtype = x.dtype
+    ctx.backend = backend
 
-    Forward and backward call the ``dfkd_fast::crop_flip_fwd`` / ``dfkd_fast::crop_flip_bwd`` custom ops (with
-    fake implementations), so ``torch.compile`` traces through them.
+
+def _backward(ctx, grad_out):
+    """Scatters the bilinear weights back to x (boxes, flips and mean/std are constants: no gradient)."""
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 8
+    boxes, flip, std = ctx.saved_tensors
+    bwd = _crop_flip_bwd_impl if ctx.eager else _crop_flip_bwd_op
+    grad_x = bwd(grad_out, boxes, flip, ctx.in_hw[0], ctx.in_hw[1], std, ctx.backend)
+    return (grad_x.to(ctx.x_dtype),) + (None,) * 7
+
+
+_crop_flip_call = fused_op(_crop_flip_fwd_op, _crop_flip_fwd_impl, _setup, _backward, "CropFlipBackward")
+
+
+class CropFlipFunction:
+    """Fused crop_flip: ``apply(x, boxes, flip, out_hw, mean, std, backend)`` (``backend``: triton or cpp).
+
+    The ``dfkd_fast::crop_flip_fwd`` / ``dfkd_fast::crop_flip_bwd`` custom ops (fake implementations, autograd
+    registered on the forward) are what ``torch.compile`` traces; eager calls run the same code through an
+    autograd.Function (:mod:`dfkd_fast.ops._registry`).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_hw: tuple[int, int],
-                mean: torch.Tensor | None, std: torch.Tensor | None, backend: str) -> torch.Tensor:  # noqa: D102
-        out = _crop_flip_fwd_op(x, boxes, flip, out_hw[0], out_hw[1], mean, std, backend)
-        ctx.save_for_backward(boxes, flip, std)
-        ctx.in_hw = (x.shape[2], x.shape[3])
-        ctx.x_dtype = x.dtype
-        ctx.backend = backend
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # noqa: D102
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
-        boxes, flip, std = ctx.saved_tensors
-        grad_x = _crop_flip_bwd_op(grad_out, boxes, flip, ctx.in_hw[0], ctx.in_hw[1], std, ctx.backend)
-        return grad_x.to(ctx.x_dtype), None, None, None, None, None, None
+    def apply(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_hw: tuple[int, int],
+              mean: torch.Tensor | None, std: torch.Tensor | None, backend: str) -> torch.Tensor:
+        return _crop_flip_call(x, boxes, flip, out_hw[0], out_hw[1], mean, std, backend)
 
 
 def _out_hw(out_size: int | Sequence[int]) -> tuple[int, int]:
@@ -101,8 +113,7 @@ def _channel_param(v: Sequence[float] | torch.Tensor | None, name: str, C: int,
     t = t.to(device=device).reshape(-1)
     if t.numel() != C:
         raise ValueError(f"{_OP}: '{name}' must have one entry per channel (C={C}), got {t.numel()}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{_OP}: '{name}' contains NaN or Inf")
+    _checks.check_finite(t, name, _OP)  # a device flag inside _checks.deferred(): no sync
     return t
 
 
@@ -158,8 +169,8 @@ def crop_flip(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_size
     flip = flip.detach().bool()
     mean_t = _channel_param(mean, "mean", C, x.device)
     std_t = _channel_param(std, "std", C, x.device)
-    if std_t is not None and not torch.compiler.is_compiling() and not bool((std_t > 0).all()):
-        raise ValueError(f"{_OP}: 'std' must be > 0 for every channel, got {std_t.tolist()}")
+    if std_t is not None and _checks.checks_enabled():
+        _checks.expect((std_t > 0).all(), f"{_OP}: 'std' must be > 0 for every channel (it divides the output)")
     _checks.check_finite(x, "x", _OP)
     b = _backend.resolve(_OP, backend, x.device, triton=True, cpp="crop_flip_fwd")
     if b == "torch":

@@ -7,29 +7,33 @@ import torch
 
 from dfkd_fast import _backend, _checks
 from dfkd_fast.kernels.info_nce import info_nce_bwd, info_nce_fwd, info_nce_ref
+from dfkd_fast.ops._registry import fused_op
 
 __all__ = ["info_nce", "InfoNCEFunction"]
 
 _OP = "info_nce"
 
 
-@torch.library.custom_op("dfkd_fast::info_nce_fwd", mutates_args=())
-def _info_nce_fwd_op(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _info_nce_fwd_impl(query: torch.Tensor, keys: torch.Tensor, temperature: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     return info_nce_fwd(query, keys, temperature)
+
+
+def _info_nce_bwd_impl(query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor,
+                       temperature: float, need_dq: bool, need_dk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dq, dk = info_nce_bwd(query, keys, lse, grad_loss, temperature, need_dq=need_dq, need_dk=need_dk)
+    # custom ops cannot return None: an empty tensor stands for "not requested"
+    return (dq if dq is not None else query.new_empty(0)), (dk if dk is not None else keys.new_empty(0))
+
+
+_info_nce_fwd_op = torch.library.custom_op("dfkd_fast::info_nce_fwd", mutates_args=())(_info_nce_fwd_impl)
+_info_nce_bwd_op = torch.library.custom_op("dfkd_fast::info_nce_bwd", mutates_args=())(_info_nce_bwd_impl)
 
 
 @_info_nce_fwd_op.register_fake
 def _(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     m = query.shape[0]
     return query.new_empty(m, dtype=torch.float32), query.new_empty(m, dtype=torch.float32)
-
-
-@torch.library.custom_op("dfkd_fast::info_nce_bwd", mutates_args=())
-def _info_nce_bwd_op(query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor,
-                     temperature: float, need_dq: bool, need_dk: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dq, dk = info_nce_bwd(query, keys, lse, grad_loss, temperature, need_dq=need_dq, need_dk=need_dk)
-    # custom ops cannot return None: an empty tensor stands for "not requested"
-    return (dq if dq is not None else query.new_empty(0)), (dk if dk is not None else keys.new_empty(0))
 
 
 @_info_nce_bwd_op.register_fake
@@ -40,26 +44,38 @@ def _(query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, grad_loss: tor
     return dq, dk
 
 
-class InfoNCEFunction(torch.autograd.Function):
-    """Tiled InfoNCE: saves only (query, keys, lse) -- O(M D) memory, never the (M, M) logits.
+def _setup(ctx, inputs, output) -> None:
+    query, keys, temperature = inputs
+    ctx.save_for_backward(query, keys, output[1])
+    ctx.temperature = temperature
+    ctx.set_materialize_grads(False)
 
-    Forward and backward call the ``dfkd_fast::info_nce_fwd`` / ``dfkd_fast::info_nce_bwd`` custom ops (with
-    fake implementations), so ``torch.compile`` traces through without graph breaks.
+
+def _backward(ctx, grad_loss, _grad_lse=None):
+    """Recomputes the key tiles (only (query, keys, lse) were saved: O(M D) memory, never the (M, M) logits)."""
+    need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_loss is None or not (need_dq or need_dk):
+        return None, None, None
+    query, keys, lse = ctx.saved_tensors
+    bwd = _info_nce_bwd_impl if ctx.eager else _info_nce_bwd_op
+    dq, dk = bwd(query, keys, lse, grad_loss, ctx.temperature, need_dq, need_dk)
+    return (dq if need_dq else None), (dk if need_dk else None), None
+
+
+_info_nce_call = fused_op(_info_nce_fwd_op, _info_nce_fwd_impl, _setup, _backward, "InfoNCEFunction")
+
+
+class InfoNCEFunction:
+    """Tiled InfoNCE: ``apply(query, keys, temperature) -> (M,)`` per-row losses.
+
+    The ``dfkd_fast::info_nce_fwd`` / ``dfkd_fast::info_nce_bwd`` custom ops (fake implementations, autograd
+    registered on the forward) are what ``torch.compile`` traces; eager calls run the same code through an
+    autograd.Function (:mod:`dfkd_fast.ops._registry`).
     """
 
     @staticmethod
-    def forward(ctx, query: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
-        loss, lse = _info_nce_fwd_op(query, keys, temperature)
-        ctx.save_for_backward(query, keys, lse)
-        ctx.temperature = temperature
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        query, keys, lse = ctx.saved_tensors
-        need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dq, dk = _info_nce_bwd_op(query, keys, lse, grad_loss, ctx.temperature, need_dq, need_dk)
-        return (dq if need_dq else None), (dk if need_dk else None), None
+    def apply(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+        return _info_nce_call(query, keys, float(temperature))[0]
 
 
 def _check(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> float:
@@ -74,7 +90,7 @@ def _check(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> float
     if query.dtype != keys.dtype:
         raise ValueError(f"{_OP}: query and keys must share a dtype, got {query.dtype} and {keys.dtype}; "
                          "cast one of them")
-    if isinstance(temperature, torch.Tensor):
+    if isinstance(temperature, torch.Tensor):  # a host read: pass a python float in the hot loop
         if temperature.numel() != 1:
             raise ValueError(f"{_OP}: temperature must be a scalar, got shape {tuple(temperature.shape)}")
         temperature = temperature.item()

@@ -4,6 +4,11 @@ The fused backends compute the row losses and the (reduction-scaled) gradients i
 in the forward and save the gradients; the backward multiplies them by ``grad_output``. Gradients are only
 computed for inputs that require them (the KD teacher gradient, for adversarial generator terms, costs one
 more read of the row). See ``dfkd_fast/kernels/soft_ce.py`` for the kernel design.
+
+The fused paths are the custom ops ``dfkd_fast::soft_target_cross_entropy`` / ``dfkd_fast::kd_kl_div`` (fake
+implementation + autograd; they return the reduced loss and the saved gradients, empty when not requested),
+called through an equivalent autograd.Function in eager mode (see :mod:`dfkd_fast.ops._registry`). The NaN/Inf
+check is one device flag on the loss inside :func:`dfkd_fast._checks.deferred` (no host sync).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from dfkd_fast import _backend, _checks
 from dfkd_fast.kernels import soft_ce as _k
 from dfkd_fast.kernels.soft_ce import kd_kl_div_ref, soft_target_cross_entropy_ref
+from dfkd_fast.ops._registry import fused_op
 
 __all__ = ["soft_target_cross_entropy", "kd_kl_div", "SoftTargetCrossEntropyFunction", "KDKLDivFunction"]
 
@@ -35,12 +41,17 @@ def _check_inputs(a: torch.Tensor, b: torch.Tensor, na: str, nb: str, temperatur
         raise ValueError(f"{op}: reduction must be one of {_k.REDUCTIONS}, got {reduction!r}")
 
 
-def _check_row_losses(loss: torch.Tensor, na: str, nb: str, op: str) -> None:
-    """NaN/Inf check of the fused paths: any NaN/Inf input makes its row loss non-finite, so checking the N row
-    losses replaces a full pass over both (N, K) inputs (which costs more than the fused kernel itself)."""
-    if _checks.checks_enabled() and not bool(torch.isfinite(loss).all()):
-        raise ValueError(f"{op}: '{na}' or '{nb}' contains NaN or Inf (or '{na}' / temperature overflows float32); "
-                         "check the upstream computation or disable checks with DFKD_FAST_CHECKS=0")
+def _row_loss_message(na: str, nb: str, op: str) -> str:
+    return (f"{op}: '{na}' or '{nb}' contains NaN or Inf (or '{na}' / temperature overflows float32); "
+            "check the upstream computation or disable checks with DFKD_FAST_CHECKS=0")
+
+
+def _check_loss(loss: torch.Tensor, na: str, nb: str, op: str) -> None:
+    """NaN/Inf check of the fused paths on the (reduced or per-row) loss: any NaN/Inf input makes its row loss,
+    hence the reduced loss, non-finite, so this replaces a full pass over both (N, K) inputs. A device flag
+    inside :func:`dfkd_fast._checks.deferred` (no sync), one host read outside."""
+    if _checks.checks_enabled():
+        _checks.expect(torch.isfinite(loss.detach()).all(), _row_loss_message(na, nb, op))
 
 
 def _fused(backend: str, kind: str, a: torch.Tensor, b: torch.Tensor, temperature: float, scale: float,
@@ -54,52 +65,105 @@ def _fused(backend: str, kind: str, a: torch.Tensor, b: torch.Tensor, temperatur
     return loss, ga, gb
 
 
-def _scale_grad(g: torch.Tensor | None, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor | None:
-    if g is None:
-        return None
+def _forward_impl(kind: str, op: str, a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str,
+                  need_a: bool, need_b: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = _k.reduction_scale(reduction, a.shape[0], op)
+    loss, ga, gb = _fused(backend, kind, a, b, temperature, scale, need_a, need_b)
+    loss = loss if reduction == "none" else loss.sum() * scale
+    # custom ops cannot return None: an empty tensor stands for "not requested"
+    return loss, (ga if ga is not None else a.new_empty(0)), (gb if gb is not None else b.new_empty(0))
+
+
+def _fake_impl(a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str, need_a: bool, need_b: bool,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    loss = a.new_empty((a.shape[0],) if reduction == "none" else (), dtype=acc)
+    ga = a.new_empty(a.shape) if need_a else a.new_empty(0)
+    gb = b.new_empty(b.shape) if need_b else b.new_empty(0)
+    return loss, ga, gb
+
+
+def _soft_ce_impl(logits: torch.Tensor, targets: torch.Tensor, temperature: float, reduction: str, need_logits: bool,
+                  need_targets: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss/d logits, d loss/d targets) in one fused pass; unrequested gradients are empty tensors."""
+    return _forward_impl("ce", "soft_target_cross_entropy", logits, targets, temperature, reduction, need_logits,
+                         need_targets, backend)
+
+
+def _kd_kl_impl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, reduction: str,
+                need_student: bool, need_teacher: bool, backend: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss/d student, d loss/d teacher) in one fused pass; unrequested gradients are empty tensors."""
+    return _forward_impl("kl", "kd_kl_div", student_logits, teacher_logits, temperature, reduction, need_student,
+                         need_teacher, backend)
+
+
+_soft_ce_op = torch.library.custom_op("dfkd_fast::soft_target_cross_entropy", mutates_args=())(_soft_ce_impl)
+_kd_kl_op = torch.library.custom_op("dfkd_fast::kd_kl_div", mutates_args=())(_kd_kl_impl)
+_soft_ce_op.register_fake(_fake_impl)
+_kd_kl_op.register_fake(_fake_impl)
+
+
+def _setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1], output[2])
+    ctx.per_row = inputs[3] == "none"
+    ctx.need = (inputs[4], inputs[5])
+    ctx.set_materialize_grads(False)
+
+
+def _scale_grad(g: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
     if per_row:
         return (g * grad_output.view(-1, 1)).to(g.dtype)
     return g * grad_output.to(torch.float32 if g.dtype != torch.float64 else g.dtype)
 
 
-def _reduce(loss: torch.Tensor, reduction: str, scale: float) -> torch.Tensor:
-    return loss if reduction == "none" else loss.sum() * scale
+def _backward(ctx, grad_output, _g_a=None, _g_b=None):
+    ga, gb = ctx.saved_tensors
+    if grad_output is None:
+        return (None,) * 7
+    da = _scale_grad(ga, grad_output, ctx.per_row) if ctx.need[0] and ctx.needs_input_grad[0] else None
+    db = _scale_grad(gb, grad_output, ctx.per_row) if ctx.need[1] and ctx.needs_input_grad[1] else None
+    return da, db, None, None, None, None, None
 
 
-class _FusedSoftLoss(torch.autograd.Function):
-    """Fused row loss of (a, b); gradients w.r.t. a and (if required) b are computed in forward and saved."""
+_soft_ce_call = fused_op(_soft_ce_op, _soft_ce_impl, _setup, _backward, "SoftTargetCrossEntropyBackward")
+_kd_kl_call = fused_op(_kd_kl_op, _kd_kl_impl, _setup, _backward, "KDKLDivBackward")
 
-    KIND: str = ""
+
+def _fused_loss(fn, a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str, backend: str,
+                names: tuple[str, str], op: str) -> torch.Tensor:
+    grad = torch.is_grad_enabled()
+    loss, _, _ = fn(a, b, float(temperature), reduction, grad and a.requires_grad, grad and b.requires_grad, backend)
+    _check_loss(loss, *names, op)
+    return loss
+
+
+class _FusedSoftLoss:
+    """Autograd-Function-like front of the registered fused ops (``apply(a, b, temperature, reduction, backend)``).
+
+    Kept for callers of the former ``torch.autograd.Function`` classes; the ops themselves are
+    ``dfkd_fast::soft_target_cross_entropy`` / ``dfkd_fast::kd_kl_div`` (fake implementation + autograd).
+    """
+
     OP: str = ""
     NAMES: tuple[str, str] = ("", "")
 
     @classmethod
-    def forward(cls, ctx, a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str,
-                backend: str) -> torch.Tensor:
-        scale = _k.reduction_scale(reduction, a.shape[0], cls.OP)
-        loss, ga, gb = _fused(backend, cls.KIND, a, b, temperature, scale,
-                              ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        _check_row_losses(loss, *cls.NAMES, cls.OP)
-        ctx.save_for_backward(ga, gb)
-        ctx.per_row = reduction == "none"
-        return _reduce(loss, reduction, scale)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        ga, gb = ctx.saved_tensors
-        return _scale_grad(ga, grad_output, ctx.per_row), _scale_grad(gb, grad_output, ctx.per_row), None, None, None
+    def apply(cls, a: torch.Tensor, b: torch.Tensor, temperature: float, reduction: str, backend: str) -> torch.Tensor:
+        fn = _soft_ce_call if cls.OP == "soft_target_cross_entropy" else _kd_kl_call
+        return _fused_loss(fn, a, b, temperature, reduction, backend, cls.NAMES, cls.OP)
 
 
 class SoftTargetCrossEntropyFunction(_FusedSoftLoss):
     """Fused soft-target CE; gradients w.r.t. logits and (if required) targets are computed in forward."""
 
-    KIND, OP, NAMES = "ce", "soft_target_cross_entropy", ("logits", "targets")
+    OP, NAMES = "soft_target_cross_entropy", ("logits", "targets")
 
 
 class KDKLDivFunction(_FusedSoftLoss):
     """Fused KD KL * T^2; the teacher gradient is computed only when the teacher logits require grad."""
 
-    KIND, OP, NAMES = "kl", "kd_kl_div", ("student_logits", "teacher_logits")
+    OP, NAMES = "kd_kl_div", ("student_logits", "teacher_logits")
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -129,7 +193,7 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tempe
         _checks.check_finite(logits, "logits", op)
         _checks.check_finite(targets, "targets", op)
         return soft_target_cross_entropy_ref(logits, targets, temperature, reduction)
-    return SoftTargetCrossEntropyFunction.apply(logits, targets, float(temperature), reduction, chosen)
+    return _fused_loss(_soft_ce_call, logits, targets, temperature, reduction, chosen, ("logits", "targets"), op)
 
 
 def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -159,4 +223,5 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
         _checks.check_finite(student_logits, "student_logits", op)
         _checks.check_finite(teacher_logits, "teacher_logits", op)
         return kd_kl_div_ref(student_logits, teacher_logits, temperature, reduction)
-    return KDKLDivFunction.apply(student_logits, teacher_logits, float(temperature), reduction, chosen)
+    return _fused_loss(_kd_kl_call, student_logits, teacher_logits, temperature, reduction, chosen,
+                       ("student_logits", "teacher_logits"), op)

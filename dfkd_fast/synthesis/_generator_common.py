@@ -6,21 +6,20 @@
 - :func:`eval_mode` puts modules in eval mode for a block and restores each submodule's mode after.
 - :func:`grads_to` runs ``torch.autograd.grad`` for exactly the given tensors, so a synthesis step never
   accumulates gradients into the teacher's or the student's parameters.
-- :class:`PenultimateProbe` captures the input of the teacher's final ``nn.Linear`` (DAFL's features).
 - :func:`information_entropy` / :func:`mean_entropy`: DAFL's and DFQ's entropy terms.
+- :class:`BestTracker`: the lowest-loss step's tensors and the loss curve, kept on the device.
+
+The base class of the generator methods is in :mod:`dfkd_fast.synthesis.generator_base`.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
-from dfkd_fast.models import DCGANGenerator, Generator, last_linear
-from dfkd_fast.synthesis.base import SynthesisResult, Synthesizer
+from dfkd_fast.models import DCGANGenerator, Generator
 
 
 def reset_generator(gen: nn.Module, rng: torch.Generator) -> None:
@@ -130,31 +129,6 @@ class BestTracker:
         return tuple(torch.stack(self._history).tolist()) if self._history else ()
 
 
-class PenultimateProbe:
-    """Captures the input of the teacher's final ``nn.Linear`` on each forward (flattened to (N, F))."""
-
-    def __init__(self, model: nn.Module, method: str) -> None:
-        try:
-            layer = last_linear(model)
-        except ValueError as e:
-            raise ValueError(f"{method}: the activation term needs the teacher's penultimate features, but the "
-                             "teacher has no nn.Linear classifier; set act=0 to disable the term") from e
-        self.features: torch.Tensor | None = None
-        self._handle = layer.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        self.features = args[0].flatten(1)
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-    def __enter__(self) -> PenultimateProbe:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
 def information_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy of the batch-mean prediction, :math:`H(\\bar p) = -\\sum_k \\bar p_k \\log \\bar p_k`.
 
@@ -168,66 +142,3 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean per-sample entropy of ``softmax(logits)``. Shape: (N, K) -> scalar."""
     logp = torch.log_softmax(logits.float(), dim=1)
     return -(logp.exp() * logp).sum(1).mean()
-
-
-class PersistentGeneratorSynthesizer(Synthesizer):
-    """Base of DAFL, ZSKT and DFQ: one generator trained across ``synthesize`` calls with Adam.
-
-    Each call runs ``iterations`` generator updates, each on a fresh latent batch z ~ N(0, I), and returns
-    the images of the last update (the batch the reported loss was computed on) with the teacher's
-    logits and argmax labels as targets. Subclasses implement :meth:`_generator_loss`; the Config must
-    have ``nz``, ``ngf``, ``lr_g`` and ``betas``.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        cfg = self.config
-        if cfg.iterations < 1:
-            raise ValueError(f"{self.name}: iterations must be >= 1, got {cfg.iterations}")
-        self.netG = make_generator(self.image_size, cfg.nz, cfg.ngf, self.device, self.generator, kind="dcgan")
-        self.opt_g = torch.optim.Adam(self.netG.parameters(), lr=cfg.lr_g, betas=tuple(cfg.betas))
-        _ = self.students  # validate
-
-    @property
-    def students(self) -> list[nn.Module]:
-        """The student(s) of the adversarial term (``student`` may be set after construction)."""
-        return student_list(self.student, self.teacher, self.name)
-
-    def _generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, teacher logits) for generated images ``x`` in [0, 1]. Shape: (N, C, H, W) -> (), (N, K)."""
-        raise NotImplementedError
-
-    def _synthesis_context(self) -> contextlib.AbstractContextManager:
-        """Context around one batch (e.g. a TeacherProbe); none by default."""
-        return contextlib.nullcontext()
-
-    def _synthesize(self, targets: torch.Tensor | None) -> SynthesisResult:
-        if targets is not None:
-            raise ValueError(f"{self.name}: the generator is not class-conditional; call synthesize() without "
-                             "targets (the batch's targets are the teacher's argmax labels)")
-        cfg = self.config
-        params = list(self.netG.parameters())
-        history: list[torch.Tensor] = []
-        with eval_mode(self.students), self._synthesis_context():
-            for _ in range(cfg.iterations):
-                z = self.randn(self.batch_size, cfg.nz)
-                x = self.netG(z)
-                loss, t_logits = self._generator_loss(x)
-                self.opt_g.zero_grad(set_to_none=True)
-                grads_to(loss, params)
-                self.opt_g.step()
-                history.append(loss.detach().float())
-        t_logits = t_logits.detach().float()
-        return SynthesisResult(images=x.detach().clamp(0, 1), targets=t_logits.argmax(1),
-                               teacher_logits=t_logits, losses=tuple(torch.stack(history).tolist()), seconds=0.0)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["generator"] = {k: v.detach().clone() for k, v in self.netG.state_dict().items()}
-        state["optimizer"] = copy.deepcopy(self.opt_g.state_dict())
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.netG.load_state_dict(state["generator"])
-        self.opt_g.load_state_dict(state["optimizer"])

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dfkd_fast import comm
+
 #: ``precision=`` choices: autocast dtype of the teacher / generator forward (statistics and losses stay fp32).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: ``compile=`` choices: ``torch.compile`` mode of the per-step function ("off": eager).
@@ -183,10 +185,20 @@ class Synthesizer:
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def compile_step(self, fn: Any, fullgraph: bool = True) -> Any:
-        """``fn`` compiled with ``torch.compile(mode=compile)``, or ``fn`` itself when ``compile="off"``."""
+        """``fn`` compiled with ``torch.compile(mode=compile)``, or ``fn`` itself when ``compile="off"``.
+
+        A step function may call ``torch.autograd.grad`` (loss and backward in one graph): it is traced with
+        ``torch._dynamo.config.trace_autograd_ops`` on.
+        """
         if self.compile_mode == "off":
             return fn
-        return torch.compile(fn, mode=self.compile_mode, fullgraph=fullgraph, dynamic=False)
+        compiled = torch.compile(fn, mode=self.compile_mode, fullgraph=fullgraph, dynamic=False)
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                return compiled(*args, **kwargs)
+
+        return step
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator, device=self.device)
@@ -199,7 +211,7 @@ class Synthesizer:
         """Synthesize one batch of ``batch_size`` images (for ``targets`` when given)."""
         if targets is not None:
             targets = torch.as_tensor(targets, device=self.device)
-            if targets.dim() == 1 and targets.numel() and (targets.min() < 0 or targets.max() >= self.num_classes):
+            if targets.dim() == 1 and targets.numel() and bool(((targets < 0) | (targets >= self.num_classes)).any()):
                 raise ValueError(f"targets must be class indices in [0, {self.num_classes}), "
                                  f"got range [{int(targets.min())}, {int(targets.max())}]")
         t0 = time.perf_counter()
@@ -223,6 +235,34 @@ class Synthesizer:
             raise ValueError(f"state is for method {state.get('method')!r}, not {self.name!r}")
         self.batches_done = int(state["batches_done"])
         self.generator.set_state(state["rng_state"])
+
+    # ----- multi-process hooks (dfkd_fast.comm; no-ops for one process) -----
+    #: ``state_dict`` keys that are ONE model across ranks (broadcast from rank ``src`` by :meth:`share_state`).
+    shared_state: ClassVar[tuple[str, ...]] = ()
+
+    def setup_comm(self, group: Any = None) -> bool:
+        """Install this method's collectives for the process ``group`` (default: the default group).
+
+        Returns whether the method communicates while synthesizing; the run loop then keeps every rank in
+        lockstep (the same number of ``synthesize`` calls). Default: nothing shared, returns False.
+        """
+        return False
+
+    def share_state(self, src: int = 0, group: Any = None) -> None:
+        """Load rank ``src``'s :attr:`shared_state` entries on every rank (every rank calls it; no-op for one
+        process or a method that shares nothing)."""
+        if not self.shared_state or comm.world_size(group) == 1:
+            return
+        is_src = comm.rank(group) == src
+        full = self.state_dict() if is_src else None
+        shared = {k: full[k] for k in self.shared_state} if full is not None else None
+        shared = comm.broadcast_object(shared, src=src, group=group,
+                                       device=self.device if self.device.type == "cuda" else None)
+        if is_src:
+            return
+        state = self.state_dict()
+        state.update(shared)
+        self.load_state_dict(state)
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:

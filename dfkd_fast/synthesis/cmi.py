@@ -24,22 +24,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dfkd_fast import ops
+from dfkd_fast import comm, ops
 from dfkd_fast.augment import sample_crop_boxes, sample_flips, sample_resized_crop_boxes
 from dfkd_fast.contrast import MemoryBank, ProjectionHead, cmi_contrastive_loss
-from dfkd_fast.hooks import TeacherProbe
-from dfkd_fast.synthesis._generator_common import (
-    BestTracker,
-    eval_mode,
-    grads_to,
-    make_generator,
-    reset_generator,
-    student_list,
-)
-from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, Synthesizer, register
-from dfkd_fast.synthesis.losses import adversarial_decision_loss, soft_target_ce
+from dfkd_fast.synthesis._generator_common import BestTracker, reset_generator
+from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, register
+from dfkd_fast.synthesis.generator_base import GeneratorSynthesizer, set_grads
+from dfkd_fast.synthesis.losses import soft_target_ce
 
 __all__ = ["CMI"]
 
@@ -49,6 +41,20 @@ def draw_seed(rng: torch.Generator, device: torch.device) -> int:
     return int(torch.randint(0, 2 ** 62, (1,), generator=rng, device=device).item())
 
 
+def draw_global_view(n: int, hw: tuple[int, int], rng: torch.Generator, padding: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameters of the global view: padded-random-crop boxes (n, 4) and flips (n,), drawn on the device."""
+    boxes = sample_crop_boxes(n, hw, padding=padding, generator=rng, device=device)
+    return boxes, sample_flips(n, generator=rng, device=device)
+
+
+def draw_local_view(n: int, hw: tuple[int, int], rng: torch.Generator, scale: tuple[float, float],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameters of the local view: random-resized-crop boxes (n, 4) and flips (n,), drawn on the device."""
+    boxes = sample_resized_crop_boxes(n, hw, scale=tuple(scale), generator=rng, device=device)
+    return boxes, sample_flips(n, generator=rng, device=device)
+
+
 def global_view(x: torch.Tensor, rng: torch.Generator, padding: int, mean: torch.Tensor | None,
                 std: torch.Tensor | None, backend: str) -> torch.Tensor:
     """Padded random crop (whole-pixel shift up to ``padding``) + flip + the teacher's normalization.
@@ -56,8 +62,7 @@ def global_view(x: torch.Tensor, rng: torch.Generator, padding: int, mean: torch
     Shape: x (N, C, H, W) in [0, 1] -> (N, C, H, W).
     """
     n, _, h, w = x.shape
-    boxes = sample_crop_boxes(n, (h, w), padding=padding, generator=rng, device=x.device)
-    flips = sample_flips(n, generator=rng, device=x.device)
+    boxes, flips = draw_global_view(n, (h, w), rng, padding, x.device)
     return ops.crop_flip(x, boxes, flips, (h, w), mean, std, backend=backend)
 
 
@@ -68,9 +73,22 @@ def local_view(x: torch.Tensor, rng: torch.Generator, scale: tuple[float, float]
     Shape: x (N, C, H, W) in [0, 1] -> (N, C, H, W).
     """
     n, _, h, w = x.shape
-    boxes = sample_resized_crop_boxes(n, (h, w), scale=tuple(scale), generator=rng, device=x.device)
-    flips = sample_flips(n, generator=rng, device=x.device)
+    boxes, flips = draw_local_view(n, (h, w), rng, scale, x.device)
     return ops.crop_flip(x, boxes, flips, (h, w), mean, std, backend=backend)
+
+
+class DrawnNegatives:
+    """Bank entries drawn before a (compiled) step, in the ``MemoryBank`` interface ``cmi_contrastive_loss``
+    reads (``len`` and ``sample``): the step itself draws nothing, so its graph has no RNG and no host read."""
+
+    def __init__(self, local: torch.Tensor, global_: torch.Tensor) -> None:
+        self.local, self.global_ = local, global_
+
+    def __len__(self) -> int:
+        return self.local.shape[0]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.local[:n], self.global_[:n]
 
 
 def check_targets(targets: torch.Tensor, batch_size: int, num_classes: int, method: str) -> torch.Tensor:
@@ -96,7 +114,7 @@ def class_loss(t_logits: torch.Tensor, targets: torch.Tensor, backend: str) -> t
 
 
 @register("cmi")
-class CMI(Synthesizer):
+class CMI(GeneratorSynthesizer):
     """Contrastive Model Inversion. Needs BatchNorm layers in the teacher.
 
     Args: see :class:`~dfkd_fast.synthesis.base.Synthesizer`; hyper-parameters in :class:`CMI.Config`.
@@ -107,6 +125,7 @@ class CMI(Synthesizer):
     """
 
     needs_bn = True
+    probe_kind = "l2"
 
     @dataclass
     class Config(SynthesisConfig):
@@ -144,8 +163,17 @@ class CMI(Synthesizer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.config
-        if cfg.iterations < 1:
-            raise ValueError(f"cmi: iterations must be >= 1, got {cfg.iterations}")
+        self.feature_dim = int(self.probe.feature_dim)
+        self.netG = self.new_generator()
+        self.bank = MemoryBank(cfg.bank_size, dims=(self.feature_dim, self.feature_dim), device=self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed(self.generator, self.device))
+            self.head = ProjectionHead(self.feature_dim, out_dim=cfg.head_dim).to(self.device)
+        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=cfg.lr_head, betas=tuple(cfg.betas))
+
+    def _validate_config(self) -> None:
+        super()._validate_config()
+        cfg = self.config
         if cfg.cr_T <= 0 or cfg.T <= 0:
             raise ValueError(f"cmi: cr_T and T must be > 0, got cr_T={cfg.cr_T}, T={cfg.T}")
         if cfg.bank_size < 1 or cfg.n_neg < 0 or cfg.head_dim < 1:
@@ -154,21 +182,47 @@ class CMI(Synthesizer):
         lo, hi = cfg.local_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"cmi: local_scale must satisfy 0 < lo <= hi <= 1, got {cfg.local_scale}")
-        _ = self.students  # validate
-        probe = TeacherProbe(self.teacher, backend=self.backend)
-        self.feature_dim = int(probe.feature_dim)
-        probe.remove()
-        self.netG = make_generator(self.image_size, cfg.nz, cfg.ngf, self.device, self.generator, kind="cmi")
-        self.bank = MemoryBank(cfg.bank_size, dims=(self.feature_dim, self.feature_dim), device=self.device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(draw_seed(self.generator, self.device))
-            self.head = ProjectionHead(self.feature_dim, out_dim=cfg.head_dim).to(self.device)
-        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=cfg.lr_head, betas=tuple(cfg.betas))
 
-    @property
-    def students(self) -> list[nn.Module]:
-        """The student(s) of the adversarial term (``student`` may be set after construction)."""
-        return student_list(self.student, self.teacher, self.name)
+    def draw_step(self) -> tuple[torch.Tensor, ...]:
+        """Everything random of one step, in the eager order: global-view boxes and flips, local-view boxes and
+        flips, then the bank negatives (when the contrastive term is on and the bank is non-empty).
+
+        Returns:
+            (boxes_g (N, 4), flips_g (N,), boxes_l (N, 4), flips_l (N,), neg_local (n', D), neg_global (n', D)).
+        """
+        cfg = self.config
+        n, hw = self.batch_size, self.image_size[1:]
+        boxes_g, flips_g = draw_global_view(n, hw, self.generator, cfg.padding, self.device)
+        boxes_l, flips_l = draw_local_view(n, hw, self.generator, cfg.local_scale, self.device)
+        if cfg.cr != 0 and len(self.bank) > 0 and cfg.n_neg > 0:
+            neg_l, neg_g = self.bank.sample(cfg.n_neg, generator=self.generator)
+        else:
+            d = self.feature_dim
+            neg_l = neg_g = torch.zeros(0, d, device=self.device, dtype=self.bank.dtype)
+        return boxes_g, flips_g, boxes_l, flips_l, neg_l, neg_g
+
+    def _step(self, z: torch.Tensor, targets: torch.Tensor, boxes_g: torch.Tensor, flips_g: torch.Tensor,
+              boxes_l: torch.Tensor, flips_l: torch.Tensor, neg_l: torch.Tensor, neg_g: torch.Tensor,
+              use_adv: bool) -> tuple[torch.Tensor, ...]:
+        """One CMI step: (loss, x, f_local, f_global, gradients of [generator params, z, head params])."""
+        cfg = self.config
+        hw = self.image_size[1:]
+        x = self.generate(self.netG, z)
+        x_global = ops.crop_flip(x, boxes_g, flips_g, hw, self.mean, self.std, backend=self.backend)
+        x_local = ops.crop_flip(x, boxes_l, flips_l, hw, self.mean, self.std, backend=self.backend)
+        t_out = self.teacher_forward(x_global)
+        loss = cfg.bn * self.probe.bn_loss() + cfg.oh * class_loss(t_out, targets, self.backend)
+        f_global = self.probe.instance_features()
+        if use_adv:
+            loss = loss + cfg.adv * self.adversarial_loss(x_global, t_out, "decision", cfg.T)
+        self.teacher_forward(x_local)
+        f_local = self.probe.instance_features()
+        if cfg.cr != 0:
+            loss = loss + cfg.cr * cmi_contrastive_loss(self.head, f_local, f_global, DrawnNegatives(neg_l, neg_g),
+                                                        cfg.n_neg, cfg.cr_T, backend=self.backend)
+        self.release_captures()
+        grads = torch.autograd.grad(loss, [*self.netG.parameters(), z, *self.head.parameters()], allow_unused=True)
+        return loss.detach(), x.detach(), f_local.detach().float(), f_global.detach().float(), grads
 
     def _synthesize(self, targets: torch.Tensor | None) -> SynthesisResult:
         cfg = self.config
@@ -180,36 +234,33 @@ class CMI(Synthesizer):
                                betas=tuple(cfg.betas))
         params = [*self.netG.parameters(), z, *self.head.parameters()]
         use_adv = cfg.adv != 0 and bool(self.students)
+        # while the bank holds fewer than n_neg entries the negatives change shape every batch: those batches run
+        # the step eagerly instead of recompiling it for each size (compile="off" is eager anyway)
+        steady = cfg.cr == 0 or cfg.n_neg == 0 or len(self.bank) >= cfg.n_neg
+        step = self.step_function() if steady else self._step
         tracker = BestTracker()
-        with TeacherProbe(self.teacher, kind="l2", backend=self.backend) as probe, eval_mode(self.students):
+        with self.batch():
             for _ in range(cfg.iterations):
-                x = self.netG(z)
-                x_global = global_view(x, self.generator, cfg.padding, self.mean, self.std, self.backend)
-                x_local = local_view(x, self.generator, cfg.local_scale, self.mean, self.std, self.backend)
-                t_out = self.teacher(x_global).float()
-                loss = cfg.bn * probe.bn_loss() + cfg.oh * class_loss(t_out, targets, self.backend)
-                f_global = probe.instance_features()
-                if use_adv:
-                    adv = sum(adversarial_decision_loss(s(x_global).float(), t_out, cfg.T, backend=self.backend)
-                              for s in self.students)
-                    loss = loss + cfg.adv * adv / len(self.students)
-                self.teacher(x_local)
-                f_local = probe.instance_features()
-                if cfg.cr != 0:
-                    loss = loss + cfg.cr * cmi_contrastive_loss(self.head, f_local, f_global, self.bank, cfg.n_neg,
-                                                                cfg.cr_T, backend=self.backend,
-                                                                generator=self.generator)
-                tracker.update(loss, x, f_local.float(), f_global.float())
-                opt.zero_grad(set_to_none=True)
-                self.head_optimizer.zero_grad(set_to_none=True)
-                grads_to(loss, params)
+                loss, x, f_local, f_global, grads = step(z, targets, *self.draw_step(), use_adv)
+                tracker.update(loss, x, f_local, f_global)
+                set_grads(params, grads)
                 opt.step()
                 self.head_optimizer.step()
+        losses = self.finish(tracker)
         best_x, best_local, best_global = tracker.best
         self.bank.add(best_local, best_global)
         images = best_x.clamp(0, 1)
         return SynthesisResult(images=images, targets=targets.detach(), teacher_logits=self.teacher_logits(images),
-                               losses=tracker.losses(), seconds=0.0)
+                               losses=losses, seconds=0.0)
+
+    #: the memory bank is one across ranks (broadcast by ``share_state``)
+    shared_state = ("bank",)
+
+    def setup_comm(self, group: Any = None) -> bool:
+        """The memory bank all-gathers every rank's (local, global) features of each batch."""
+        self.bank.all_gather = True
+        self.bank.group = group
+        return comm.world_size(group) > 1
 
     def state_dict(self) -> dict[str, Any]:
         """Base state + memory bank, projection head and its Adam (the generator is re-drawn per batch)."""

@@ -21,12 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dfkd_fast.synthesis._generator_common import (
-    PenultimateProbe,
-    PersistentGeneratorSynthesizer,
-    information_entropy,
-)
+from dfkd_fast.classifiers import PenultimateTap
+from dfkd_fast.synthesis._generator_common import information_entropy
 from dfkd_fast.synthesis.base import SynthesisConfig, register
+from dfkd_fast.synthesis.generator_base import PersistentGeneratorSynthesizer
 
 __all__ = ["DAFL"]
 
@@ -63,20 +61,20 @@ class DAFL(PersistentGeneratorSynthesizer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.config.act != 0:
-            PenultimateProbe(self.teacher, "dafl").remove()  # raises a clear error when there is no classifier
+            PenultimateTap(self.teacher, method="dafl").remove()  # raises a clear error when there is no classifier
 
     def _synthesis_context(self) -> contextlib.AbstractContextManager:
         if self.config.act == 0:
             return contextlib.nullcontext()
-        self._penultimate = PenultimateProbe(self.teacher, self.name)
+        self._penultimate = PenultimateTap(self.teacher, method=self.name)
         return self._penultimate
 
     def _generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        t_logits = self.teacher(self.normalize(x)).float()
+        t_logits = self.teacher_forward(self.normalize(x))
         loss = cfg.oh * F.cross_entropy(t_logits, t_logits.argmax(1))
         if cfg.act != 0:
-            loss = loss - cfg.act * self._penultimate.features.abs().mean()
+            loss = loss - cfg.act * self._penultimate.pop().float().abs().mean()
         if cfg.ie != 0:
             entropy10 = information_entropy(F.softmax(t_logits, dim=1)) / math.log(10.0)
             loss = loss - cfg.ie * entropy10

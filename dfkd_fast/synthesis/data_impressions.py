@@ -22,27 +22,19 @@ sigmoid parameterization did worse (49% and 23-46%). ``init_scale=1.0, lr=10.0``
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dfkd_fast import ops
+from dfkd_fast import _checks, ops
 from dfkd_fast.models import classifier_weight
-from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, Synthesizer, register
+from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, register
 from dfkd_fast.synthesis.losses import soft_target_ce
+from dfkd_fast.synthesis.pixel_base import PixelSynthesizer
 
 __all__ = ["DataImpressions", "ClassImpressions"]
-
-
-def _set_lr(opt: torch.optim.Optimizer, lr: float, step: int, total: int, schedule: str) -> None:
-    """lr at ``step`` of ``total``: constant, or decayed linearly toward 0 (the published ZSKD schedule)."""
-    if schedule == "linear":
-        lr = lr * (1.0 - step / total)
-    for g in opt.param_groups:
-        g["lr"] = lr
 
 
 @dataclass
@@ -55,8 +47,12 @@ class _PixelConfig(SynthesisConfig):
     temperature: float = 20.0  # tau of the teacher's softmax, applied once
 
 
-class _PixelSynthesizer(Synthesizer):
-    """Projected-Adam pixel optimization of one batch against ``self._loss(logits, targets)``."""
+class _ImpressionSynthesizer(PixelSynthesizer):
+    """Projected-Adam pixel optimization of one batch against ``self._loss(teacher logits, targets)``.
+
+    The loop is :class:`~dfkd_fast.synthesis.pixel_base.PixelSynthesizer`'s; the random draws of a batch are,
+    in order, its targets (Data Impressions' Dirichlet samples) and the ``U[0, init_scale]`` starting noise.
+    """
 
     Config = _PixelConfig
 
@@ -79,32 +75,26 @@ class _PixelSynthesizer(Synthesizer):
     def _make_targets(self, targets: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def lr_at(self, step: int, total: int, lr: float) -> float:
+        """Constant, or decayed linearly toward 0 over the batch (the published ZSKD schedule)."""
+        return lr * (1.0 - step / total) if self.config.lr_schedule == "linear" else lr
+
+    def step_loss(self, x: torch.Tensor, targets: torch.Tensor, *view: torch.Tensor) -> torch.Tensor:
+        """``self._loss`` of the teacher's logits on the (normalized) pixels. Shape: (N, C, H, W) -> scalar."""
+        return self._loss(self.teacher_forward(self.normalize(x)), targets)
+
     def _synthesize(self, targets: torch.Tensor | None) -> SynthesisResult:
         cfg = self.config
-        y = self._make_targets(targets)
-        n = y.shape[0]
-        x = (self.rand(n, *self.image_size) * cfg.init_scale).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas))
-        losses: list[float] = []
-        for it in range(cfg.iterations):
-            _set_lr(opt, cfg.lr, it, cfg.iterations, cfg.lr_schedule)
-            loss = self._loss(self.teacher(self.normalize(x)), y)
-            (grad,) = torch.autograd.grad(loss, x)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise ValueError(f"{self.name}: the loss became {value} at step {it}; lower lr")
-            x.grad = grad
-            opt.step()
-            with torch.no_grad():
-                x.clamp_(0.0, 1.0)
-            losses.append(value)
-        images = x.detach().clone()
-        return SynthesisResult(images=images, targets=y.detach(), teacher_logits=self.teacher_logits(images),
-                               losses=tuple(losses), seconds=0.0)
+        with _checks.deferred():  # the target sampling's value checks are read with the loop's, once
+            y = self._make_targets(targets)
+            x0 = self.rand(y.shape[0], *self.image_size) * cfg.init_scale
+            run = self.optimize(x0, y, cfg.iterations, cfg.lr, cfg.betas)
+        return SynthesisResult(images=run.images, targets=y.detach(), teacher_logits=self.teacher_logits(run.images),
+                               losses=run.losses, seconds=0.0)
 
 
 @register("data_impressions")
-class DataImpressions(_PixelSynthesizer):
+class DataImpressions(_ImpressionSynthesizer):
     """Data Impressions (ZSKD): pixels optimized toward Dirichlet-sampled soft targets.
 
     ``synthesize(targets)``: ``targets`` (N,) class indices (a Dirichlet vector is sampled per row around
@@ -138,7 +128,10 @@ class DataImpressions(_PixelSynthesizer):
             raise ValueError(f"data_impressions: the teacher's final linear weight has shape {tuple(weight.shape)}, "
                              f"expected ({self.num_classes}, F); pass the teacher whose last nn.Linear is the "
                              "classifier")
-        self.similarity = ops.class_similarity(weight, backend=self.backend)
+        # once per synthesizer, not on the hot path: an op without a C++ kernel runs its torch reference
+        setup_backend = "torch" if self.backend == "cpp" and ops.OP_BACKENDS["class_similarity"][1] is None \
+            else self.backend
+        self.similarity = ops.class_similarity(weight, backend=setup_backend)
 
     def batch_betas(self, n: int) -> torch.Tensor:
         """Per-row Dirichlet scale: the batch is cut into ``len(beta)`` contiguous, near-equal parts.
@@ -178,7 +171,7 @@ class DataImpressions(_PixelSynthesizer):
 
 
 @register("class_impressions")
-class ClassImpressions(_PixelSynthesizer):
+class ClassImpressions(_ImpressionSynthesizer):
     """Class Impressions (Nayak et al. 2019, beta -> 0 limit of Data Impressions): one-hot targets.
 
     ``loss="ce"`` minimizes CE(one-hot, softmax(T(x)/tau)); ``loss="logit"`` maximizes the target logit

@@ -15,26 +15,35 @@ pass by :class:`dfkd_fast.hooks.TeacherProbe`. The pixels live in [0, 1] (projec
 every step), start from the teacher's normalized-space N(0, 1) noise mapped back to pixels (uniform noise
 when no mean/std is given), and the batch with the lowest loss is returned (a copy taken before the step
 that followed it). The image priors act on the un-augmented pixels in [0, 1].
+
+The loop is :class:`dfkd_fast.synthesis.pixel_base.PixelSynthesizer`'s (no host sync per step); the jitter's
+shift and flip are drawn on the device (:func:`dfkd_fast.augment.sample_jitter`: d_y, d_x uniform in
+{-m..m}, flip with probability 1/2, one draw each per step, in that order, from the synthesizer's generator)
+and applied by an on-device gather (:func:`dfkd_fast.augment.roll_flip`, equal to ``torch.roll`` + flip).
+One :class:`~dfkd_fast.hooks.TeacherProbe` is built per synthesizer and capturing only during its batches.
 """
 from __future__ import annotations
 
-import math
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dfkd_fast.augment import jitter_flip
+from dfkd_fast import _checks
+from dfkd_fast.augment import roll_flip, sample_jitter
 from dfkd_fast.hooks import TeacherProbe
-from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, Synthesizer, register
+from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, register
 from dfkd_fast.synthesis.losses import competition_loss, l2_prior, soft_target_ce, tv_loss
+from dfkd_fast.synthesis.pixel_base import PixelSynthesizer, capturing, persistent, release
 
 __all__ = ["DeepInversion"]
 
 
 @register("deep_inversion")
-class DeepInversion(Synthesizer):
+class DeepInversion(PixelSynthesizer):
     """DeepInversion (+ADI when ``student`` is given); needs a teacher with BatchNorm.
 
     ``synthesize(targets)``: (N,) class indices (``None`` -> balanced) or (N, K) soft targets (CE at T=1).
@@ -45,6 +54,7 @@ class DeepInversion(Synthesizer):
     """
 
     needs_bn = True
+    keep_best = True
 
     @dataclass
     class Config(SynthesisConfig):
@@ -75,6 +85,9 @@ class DeepInversion(Synthesizer):
             raise ValueError(f"deep_inversion: jitter must be >= 0 pixels (or -1 for H // 8), got {cfg.jitter}")
         if self.student is not None and self.student is self.teacher:
             raise ValueError("deep_inversion: the student must be a different module from the teacher")
+        #: one probe for every batch (paused outside them); its hooks go when the synthesizer is collected
+        self.probe = persistent(TeacherProbe(self.teacher, kind="l2", first_bn_multiplier=cfg.first_bn_multiplier,
+                                             backend=self.backend), self)
 
     @property
     def max_shift(self) -> int:
@@ -97,16 +110,21 @@ class DeepInversion(Synthesizer):
         raise ValueError(f"deep_inversion: targets must be (N,) classes or (N, {self.num_classes}) probabilities, "
                          f"got {tuple(targets.shape)}")
 
-    def step_loss(self, x: torch.Tensor, targets: torch.Tensor, probe: TeacherProbe) -> torch.Tensor:
-        """The DeepInversion objective of the pixel batch ``x`` (one random jitter/flip view).
+    def sample_view(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's jitter: shift (2,) int64 (d_y, d_x) and flip () bool, on the device."""
+        return sample_jitter(self.max_shift, p_flip=0.5 if self.config.flip else 0.0, generator=self.generator,
+                             device=x.device)
 
-        Shape: x (N, C, H, W) in [0, 1], targets (N,) or (N, K) -> scalar.
+    def step_loss(self, x: torch.Tensor, targets: torch.Tensor, shift: torch.Tensor,
+                  flip: torch.Tensor) -> torch.Tensor:
+        """The DeepInversion objective of the pixel batch ``x`` for one jitter/flip view.
+
+        Shape: x (N, C, H, W) in [0, 1], targets (N,) or (N, K), shift (2,), flip () -> scalar.
         """
         cfg = self.config
-        view = jitter_flip(x, self.max_shift, p_flip=0.5 if cfg.flip else 0.0, generator=self.generator)
-        inp = self.normalize(view)
-        logits = self.teacher(inp)
-        loss = cfg.bn * probe.bn_loss()
+        inp = self.normalize(roll_flip(x, shift, flip))
+        logits = self.teacher_forward(inp)
+        loss = cfg.bn * self.probe.bn_loss()
         if cfg.oh:
             if targets.dim() == 1:
                 loss = loss + cfg.oh * F.cross_entropy(logits.float(), targets)
@@ -119,41 +137,30 @@ class DeepInversion(Synthesizer):
         if cfg.l2:
             loss = loss + cfg.l2 * l2_prior(x)
         if self.student is not None and cfg.adv:
-            s_logits = self.student(inp)  # not hooked: the probe only sees the teacher's BN layers
+            s_logits = self.teacher_forward(inp, self.student)  # not hooked: the probe sees the teacher's BN only
             loss = loss + cfg.adv * competition_loss(logits, s_logits, cfg.temperature)
         return loss
 
-    def _synthesize(self, targets: torch.Tensor | None) -> SynthesisResult:
-        cfg = self.config
-        y = self._targets(targets)
-        x = self.init_images(y.shape[0]).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas))
+    def release_captures(self) -> None:
+        release(self.probe)
+
+    @contextlib.contextmanager
+    def batch_context(self) -> Iterator[None]:
+        """The probe captures and the student (ADI) is in eval mode during the batch; both restored after."""
         student_mode = self.student.training if self.student is not None else False
         if self.student is not None:
             self.student.eval()
-        losses: list[float] = []
-        best_loss = math.inf
-        best = x.detach().clone()
         try:
-            with TeacherProbe(self.teacher, kind="l2", first_bn_multiplier=cfg.first_bn_multiplier,
-                              backend=self.backend) as probe:
-                for _ in range(cfg.iterations):
-                    loss = self.step_loss(x, y, probe)
-                    (grad,) = torch.autograd.grad(loss, x)
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise ValueError(f"deep_inversion: the loss became {value} at step {len(losses)}; "
-                                         "lower lr or the loss weights")
-                    if value < best_loss:
-                        best_loss = value
-                        best = x.detach().clone()
-                    x.grad = grad
-                    opt.step()
-                    with torch.no_grad():
-                        x.clamp_(0.0, 1.0)
-                    losses.append(value)
+            with capturing(self.probe):
+                yield
         finally:
             if self.student is not None:
                 self.student.train(student_mode)
-        return SynthesisResult(images=best, targets=y, teacher_logits=self.teacher_logits(best),
-                               losses=tuple(losses), seconds=0.0)
+
+    def _synthesize(self, targets: torch.Tensor | None) -> SynthesisResult:
+        cfg = self.config
+        with _checks.deferred():
+            y = self._targets(targets)
+            run = self.optimize(self.init_images(y.shape[0]), y, cfg.iterations, cfg.lr, cfg.betas)
+        return SynthesisResult(images=run.images, targets=y, teacher_logits=self.teacher_logits(run.images),
+                               losses=run.losses, seconds=0.0)

@@ -15,16 +15,14 @@ prediction large = balanced; adversarial to the student ensemble S when ``studen
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dfkd_fast import ops
-from dfkd_fast.hooks import TeacherProbe
-from dfkd_fast.synthesis._generator_common import PersistentGeneratorSynthesizer, information_entropy, mean_entropy
+from dfkd_fast.synthesis._generator_common import information_entropy, mean_entropy
 from dfkd_fast.synthesis.base import SynthesisConfig, register
+from dfkd_fast.synthesis.generator_base import PersistentGeneratorSynthesizer
 
 __all__ = ["DFQ"]
 
@@ -34,6 +32,7 @@ class DFQ(PersistentGeneratorSynthesizer):
     """DFQ generator synthesis (BN-KL prior + entropy terms + ensemble adversarial term)."""
 
     needs_bn = True
+    probe_kind = "kl"  # the persistent TeacherProbe matches BN statistics with the Gaussian KL
 
     @dataclass
     class Config(SynthesisConfig):
@@ -59,20 +58,15 @@ class DFQ(PersistentGeneratorSynthesizer):
         adv: float = 1.0
         T: float = 1.0
 
-    def _synthesis_context(self) -> contextlib.AbstractContextManager:
-        self._probe = TeacherProbe(self.teacher, kind="kl", backend=self.backend)
-        return self._probe
-
     def _generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         xn = self.normalize(x)
-        t_logits = self.teacher(xn).float()
-        loss = cfg.bn * self._probe.bn_loss()
+        t_logits = self.teacher_forward(xn)
+        loss = cfg.bn * self.probe.bn_loss()
         if cfg.oh != 0:
             loss = loss + cfg.oh * mean_entropy(t_logits)
         if cfg.ie != 0:
             loss = loss - cfg.ie * information_entropy(F.softmax(t_logits, dim=1))
         if cfg.adv != 0 and self.students:
-            kl = sum(ops.kd_kl_div(s(xn), t_logits, cfg.T, backend=self.backend) for s in self.students)
-            loss = loss - cfg.adv * kl / len(self.students)
+            loss = loss + cfg.adv * self.adversarial_loss(xn, t_logits, "kl", cfg.T)
         return loss, t_logits

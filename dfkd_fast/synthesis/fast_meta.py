@@ -25,30 +25,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from dfkd_fast import ops
-from dfkd_fast.hooks import TeacherProbe
-from dfkd_fast.synthesis._generator_common import BestTracker, eval_mode, grads_to, make_generator, student_list
-from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, Synthesizer, register
-from dfkd_fast.synthesis.cmi import check_targets, class_loss, global_view
-from dfkd_fast.synthesis.losses import adversarial_decision_loss
+from dfkd_fast import comm, ops
+from dfkd_fast.synthesis._generator_common import BestTracker
+from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, register
+from dfkd_fast.synthesis.cmi import check_targets, class_loss, draw_global_view
+from dfkd_fast.synthesis.generator_base import GeneratorSynthesizer, set_grads
 
 __all__ = ["FastMeta"]
 
 
 @register("fast_meta")
-class FastMeta(Synthesizer):
+class FastMeta(GeneratorSynthesizer):
     """FastDFKD meta-generator synthesis. Needs BatchNorm layers in the teacher.
 
     ``g_steps`` is accepted as an alias of ``iterations`` (inner steps per batch).
 
     Attributes:
         netG: the meta generator; ``meta_optimizer`` its persistent Adam.
+        fast: the per-batch clone theta' (one module, re-loaded from ``netG`` at the start of every batch).
+        momentum_stats: the BN moving averages, kept by the persistent ``probe``.
     """
 
     needs_bn = True
+    probe_kind = "l2"
 
     @dataclass
     class Config(SynthesisConfig):
@@ -94,6 +94,29 @@ class FastMeta(Synthesizer):
             kwargs["iterations"] = g_steps
         super().__init__(*args, **kwargs)
         cfg = self.config
+        self.netG = self.new_generator()
+        self.meta_optimizer = torch.optim.Adam(self.netG.parameters(), lr=cfg.lr_g * cfg.iterations,
+                                               betas=tuple(cfg.betas))
+        self.fast = copy.deepcopy(self.netG)
+        self._meta_tensors = [*self.netG.parameters(), *self.netG.buffers()]
+        self._fast_tensors = [*self.fast.parameters(), *self.fast.buffers()]
+        self._fast_params = list(self.fast.parameters())
+        # multi-process (setup_comm): meta-gradients are averaged over the group
+        self.distributed = False
+        self.process_group: Any = None
+
+    #: the meta generator and its Adam are one model across ranks (broadcast by ``share_state``)
+    shared_state = ("generator", "meta_optimizer")
+
+    def setup_comm(self, group: Any = None) -> bool:
+        """Average meta-gradients over ``group`` before each meta step; start from rank 0's meta generator."""
+        self.distributed = True
+        self.process_group = group
+        self.share_state(0, group)
+        return comm.world_size(group) > 1
+
+    def _validate_config(self) -> None:
+        cfg = self.config
         if cfg.iterations < 1:
             raise ValueError(f"fast_meta: g_steps (iterations) must be >= 1, got {cfg.iterations}")
         if cfg.meta not in ("fomaml", "reptile"):
@@ -102,101 +125,89 @@ class FastMeta(Synthesizer):
             raise ValueError(f"fast_meta: bn_mmt must be in [0, 1), got {cfg.bn_mmt}")
         if cfg.T <= 0:
             raise ValueError(f"fast_meta: T must be > 0, got {cfg.T}")
-        _ = self.students  # validate
-        self.netG = make_generator(self.image_size, cfg.nz, cfg.ngf, self.device, self.generator, kind="cmi")
-        self.meta_optimizer = torch.optim.Adam(self.netG.parameters(), lr=cfg.lr_g * cfg.iterations,
-                                               betas=tuple(cfg.betas))
-        self._bn_layers = [m for m in self.teacher.modules() if isinstance(m, _BatchNorm)]
-        self.momentum_stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        # multi-process (dfkd_fast.distributed.enable_distributed): meta-gradients are averaged over the group
-        self.distributed = False
-        self.process_group: Any = None
 
     @property
-    def students(self) -> list[nn.Module]:
-        """The student(s) of the adversarial term (``student`` may be set after construction)."""
-        return student_list(self.student, self.teacher, self.name)
+    def probe_momentum(self) -> float:
+        return self.config.bn_mmt
+
+    def _step(self, z: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+              use_adv: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """One inner step on (theta', z): (loss, x, gradients of [theta' params, z])."""
+        cfg = self.config
+        x = self.generate(self.fast, z)
+        x_aug = ops.crop_flip(x, boxes, flips, self.image_size[1:], self.mean, self.std, backend=self.backend)
+        t_out = self.teacher_forward(x_aug)
+        loss = cfg.bn * self.probe.bn_loss() + cfg.oh * class_loss(t_out, targets, self.backend)
+        if use_adv:
+            loss = loss + cfg.adv * self.adversarial_loss(x_aug, t_out, "decision", cfg.T)
+        self.release_captures()
+        grads = torch.autograd.grad(loss, [*self._fast_params, z], allow_unused=True)
+        return loss.detach(), x.detach(), grads
 
     def _synthesize(self, targets: torch.Tensor | None) -> SynthesisResult:
         cfg = self.config
         targets = self.default_targets() if targets is None else targets
         targets = check_targets(targets, self.batch_size, self.num_classes, self.name)
-        fast = copy.deepcopy(self.netG)
-        fast_params = list(fast.parameters())
+        with torch.no_grad():  # theta' <- theta (parameters and generator BN buffers)
+            torch._foreach_copy_(self._fast_tensors, self._meta_tensors)
+        fast_params = self._fast_params
         z = self.randn(self.batch_size, cfg.nz).requires_grad_()
         opt = torch.optim.Adam([{"params": fast_params}, {"params": [z], "lr": cfg.lr_z}], lr=cfg.lr_g,
                                betas=tuple(cfg.betas))
-        meta_grads = [torch.zeros_like(p) for p in fast_params] if cfg.meta == "fomaml" else None
+        inner = [*fast_params, z]
+        n_fast = len(fast_params)
+        meta_grads = None
         use_adv = cfg.adv != 0 and bool(self.students) and self.batches_done >= cfg.warmup
+        step = self.step_function()
         tracker = BestTracker()
-        with TeacherProbe(self.teacher, kind="l2", layers=self._bn_layers, backend=self.backend) as probe, \
-                eval_mode(self.students):
+        with self.batch():
             for _ in range(cfg.iterations):
-                x = fast(z)
-                x_aug = global_view(x, self.generator, cfg.padding, self.mean, self.std, self.backend)
-                t_out = self.teacher(x_aug).float()
-                loss = cfg.bn * self._bn_loss(probe) + cfg.oh * class_loss(t_out, targets, self.backend)
-                if use_adv:
-                    adv = sum(adversarial_decision_loss(s(x_aug).float(), t_out, cfg.T, backend=self.backend)
-                              for s in self.students)
-                    loss = loss + cfg.adv * adv / len(self.students)
+                boxes, flips = draw_global_view(self.batch_size, self.image_size[1:], self.generator, cfg.padding,
+                                                self.device)
+                loss, x, grads = step(z, targets, boxes, flips, use_adv)
                 tracker.update(loss, x)
-                opt.zero_grad(set_to_none=True)
-                grads_to(loss, [*fast_params, z])
-                if meta_grads is not None:
-                    for acc, p in zip(meta_grads, fast_params, strict=False):
-                        acc.add_(p.grad)
+                set_grads(inner, grads)
+                if cfg.meta == "fomaml":  # first-order MAML: sum of the inner gradients, one foreach per step
+                    g = [p.grad for p in fast_params]
+                    if meta_grads is None:
+                        meta_grads = torch._foreach_add(g, 0.0)
+                    else:
+                        torch._foreach_add_(meta_grads, g)
                 opt.step()
+            self._check_bn_path()
             if cfg.bn_mmt > 0:
-                self._update_momentum(probe.layer_stats())
+                self.probe.update_momentum()  # from the last inner step's statistics
+        losses = self.finish(tracker)
         self.meta_optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for i, (p, q) in enumerate(zip(self.netG.parameters(), fast_params, strict=False)):
-                p.grad = meta_grads[i] if meta_grads is not None else (p - q).detach()
+        meta_params = self._meta_tensors[:n_fast]
+        with torch.no_grad():  # reptile: theta - theta'
+            new = meta_grads if meta_grads is not None else torch._foreach_sub(meta_params, fast_params)
+        set_grads(meta_params, new)
         if self.distributed:  # one meta generator across ranks: average the meta-gradients before the step
-            from dfkd_fast.distributed import all_reduce_mean_
-
-            all_reduce_mean_([p.grad for p in self.netG.parameters()], self.process_group)
+            comm.all_reduce_mean_([p.grad for p in self.netG.parameters()], self.process_group)
         self.meta_optimizer.step()
         images = tracker.best[0].clamp(0, 1)
         return SynthesisResult(images=images, targets=targets.detach(), teacher_logits=self.teacher_logits(images),
-                               losses=tracker.losses(), seconds=0.0)
+                               losses=losses, seconds=0.0)
 
-    def _bn_loss(self, probe: TeacherProbe) -> torch.Tensor:
-        """l2 BN prior of the last forward, batch stats blended with the moving averages (SPEC §3.1), fused."""
-        stats = probe.layer_stats()
-        if len(stats) != len(self._bn_layers):
-            raise ValueError(f"fast_meta: only {len(stats)} of the teacher's {len(self._bn_layers)} BatchNorm layers "
-                             "ran in its forward; every BN layer must be on the forward path")
-        mmt = self.momentum_stats if self.config.bn_mmt > 0 else None
-        terms = ops.bn_stat_loss_from_stats([m for m, _ in stats], [v for _, v in stats],
-                                            [b.running_mean for b in self._bn_layers],
-                                            [b.running_var for b in self._bn_layers], kind="l2",
-                                            momentum_stats=mmt, momentum=self.config.bn_mmt, backend=self.backend)
-        return terms.sum()
-
-    def _update_momentum(self, stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """mu_bar <- beta mu_bar + (1 - beta) mu (the first batch copies), from the last inner step's stats."""
-        beta = self.config.bn_mmt
-        new = [(m.detach().float().clone(), v.detach().float().clone()) for m, v in stats]
-        if self.momentum_stats is None:
-            self.momentum_stats = new
-        else:
-            self.momentum_stats = [(beta * mb + (1 - beta) * m, beta * vb + (1 - beta) * v)
-                                   for (mb, vb), (m, v) in zip(self.momentum_stats, new, strict=False)]
+    def _check_bn_path(self) -> None:
+        """Every BN layer must run in the teacher's forward (each has a moving average); checked once per batch."""
+        ran = len(self.probe.layer_stats())
+        if ran != len(self.probe.layers):
+            raise ValueError(f"fast_meta: only {ran} of the teacher's {len(self.probe.layers)} BatchNorm layers ran "
+                             "in its forward; every BN layer must be on the forward path")
 
     def state_dict(self) -> dict[str, Any]:
         """Base state + meta generator, meta Adam and the BN moving averages."""
         state = super().state_dict()
         state["generator"] = {k: v.detach().clone() for k, v in self.netG.state_dict().items()}
         state["meta_optimizer"] = copy.deepcopy(self.meta_optimizer.state_dict())
-        state["momentum_stats"] = (None if self.momentum_stats is None else
-                                   [(m.clone(), v.clone()) for m, v in self.momentum_stats])
+        mmt = self.momentum_stats
+        state["momentum_stats"] = None if mmt is None else [(m.clone(), v.clone()) for m, v in mmt]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.netG.load_state_dict(state["generator"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        mmt = state["momentum_stats"]
-        self.momentum_stats = None if mmt is None else [(m.to(self.device), v.to(self.device)) for m, v in mmt]
+        self._load_momentum_stats(state["momentum_stats"])

@@ -17,12 +17,15 @@ that the code of x matches a target code,
     \\min_x \\sum_l \\operatorname{mean}_c(\\mu_l(x) - \\hat\\mu_l)^2 + \\operatorname{mean}_c(\\sigma^2_l(x) -
     \\hat\\sigma^2_l)^2 \\; (+ \\lambda \\|x - x_s\\|^2 \\text{ for translation, eq. 7})
 
-Pixels are optimized in [0, 1] with projected Adam (clamped after every step).
+Pixels are optimized in [0, 1] with projected Adam (clamped after every step) by the shared loop of
+:class:`dfkd_fast.synthesis.pixel_base.PixelSynthesizer` (no host sync per step); each step's crop boxes and
+flips are drawn on the device before the step (pad-crop: one ``randint`` (N, 2), then one ``rand`` (N,) for
+the flips). One :class:`~dfkd_fast.hooks.FeatureProbe` serves every batch and every ``encode``.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +34,8 @@ from torch import nn
 
 from dfkd_fast.augment import CropFlip
 from dfkd_fast.hooks import FeatureProbe
-from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, Synthesizer, register
+from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, register
+from dfkd_fast.synthesis.pixel_base import PixelSynthesizer, capturing, persistent, release
 
 __all__ = ["ImpressionSpace"]
 
@@ -41,7 +45,7 @@ def _stats_to_code(stats: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.
 
 
 @register("impression_space")
-class ImpressionSpace(Synthesizer):
+class ImpressionSpace(PixelSynthesizer):
     """Impression-Space synthesis with the teacher as the template network.
 
     Give the images to imitate at construction: ``reference_images`` (M, C, H, W) in [0, 1] (their
@@ -87,6 +91,8 @@ class ImpressionSpace(Synthesizer):
         self.augment = CropFlip(None, mode=cfg.crop, padding=cfg.padding, scale=tuple(cfg.scale), p_flip=cfg.p_flip,
                                 mean=self.mean, std=self.std, backend=self.backend, generator=self.generator)
         self.layer_types = tuple(layer_types)
+        #: one probe for every batch and encode (paused outside them); its hooks go with the synthesizer
+        self.probe = persistent(FeatureProbe(self.teacher, layer_types=self.layer_types, backend=self.backend), self)
         self.channels = self._probe_channels()
         if reference_images is not None:
             self.code: torch.Tensor | None = self.encode(reference_images)
@@ -96,12 +102,9 @@ class ImpressionSpace(Synthesizer):
             self.code = None
 
     # ----- encoding -----
-    def _probe(self) -> FeatureProbe:
-        return FeatureProbe(self.teacher, layer_types=self.layer_types, backend=self.backend)
-
     def _probe_channels(self) -> list[int]:
         c, h, w = self.image_size
-        with self._probe() as probe, torch.no_grad():
+        with capturing(self.probe) as probe, torch.no_grad():
             self.teacher(torch.zeros(1, c, h, w, device=self.device))
             return [int(m.numel()) for m, _ in probe.layer_stats()]
 
@@ -131,7 +134,7 @@ class ImpressionSpace(Synthesizer):
             raise ValueError("impression_space: encode needs at least one image")
         total = 0
         sums: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with self._probe() as probe:
+        with capturing(self.probe) as probe:
             for chunk in images.split(batch_size):
                 self.teacher(self.normalize(chunk))
                 n = chunk.shape[0]
@@ -176,31 +179,42 @@ class ImpressionSpace(Synthesizer):
         """
         cfg = self.config
         code = self._check_code(torch.as_tensor(code, dtype=torch.float32, device=self.device))
-        x = self._check_images(init, "init").detach().clone().clamp_(0.0, 1.0).requires_grad_(True)
+        x = self._check_images(init, "init").detach().clone().clamp_(0.0, 1.0)
         if content is not None:
             content = self._check_images(content, "content")
             if content.shape != x.shape:
                 raise ValueError(f"impression_space: content must match init's shape {tuple(x.shape)}, "
                                  f"got {tuple(content.shape)}")
         steps = cfg.iterations if iterations is None else int(iterations)
-        opt = torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas))
-        losses: list[float] = []
-        with self._probe() as probe:
-            for _ in range(steps):
-                self.teacher(self.augment(x))  # random crop + flip, then the teacher's normalization
-                loss = self.code_loss(probe.layer_stats(), code)
-                if content is not None and content_weight:
-                    loss = loss + content_weight * (x - content).pow(2).mean()
-                (grad,) = torch.autograd.grad(loss, x)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise ValueError(f"impression_space: the loss became {value} at step {len(losses)}; lower lr")
-                x.grad = grad
-                opt.step()
-                with torch.no_grad():
-                    x.clamp_(0.0, 1.0)
-                losses.append(value)
-        return x.detach().clone(), losses
+        target = (code, content if content_weight else None, float(content_weight))
+        run = self.optimize(x, target, steps, cfg.lr, cfg.betas)
+        return run.images, list(run.losses)
+
+    def sample_view(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's crop boxes (N, 4) and flips (N,), drawn on the device."""
+        return self.augment.sample_params(x.shape[0], x.shape[-2:], x.device)
+
+    def step_loss(self, x: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor | None, float],
+                  boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Code-matching loss of one crop + flip view (+ content term). ``targets`` = (code, content, weight).
+
+        Shape: x (N, C, H, W), code (D,), content (N, C, H, W) or None, boxes (N, 4), flip (N,) -> scalar.
+        """
+        code, content, content_weight = targets
+        self.teacher_forward(self.augment(x, boxes, flip))  # crop + flip, then the teacher's normalization
+        loss = self.code_loss(self.probe.layer_stats(), code)
+        if content is not None:
+            loss = loss + content_weight * (x - content).pow(2).mean()
+        return loss
+
+    def release_captures(self) -> None:
+        release(self.probe)
+
+    @contextlib.contextmanager
+    def batch_context(self) -> Iterator[None]:
+        """The probe captures during the batch."""
+        with capturing(self.probe):
+            yield
 
     def decode(self, code: torch.Tensor, n: int, iterations: int | None = None) -> tuple[torch.Tensor, list[float]]:
         """Decode ``code`` into ``n`` new images from uniform noise (uses this synthesizer's generator).

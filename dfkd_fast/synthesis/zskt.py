@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_fast import ops
-from dfkd_fast.synthesis._generator_common import PersistentGeneratorSynthesizer, eval_mode
+from dfkd_fast.synthesis._generator_common import eval_mode
 from dfkd_fast.synthesis.base import SynthesisConfig, register
+from dfkd_fast.synthesis.generator_base import PersistentGeneratorSynthesizer
 
 __all__ = ["ZSKT", "attention_map", "attention_transfer_loss"]
 
@@ -125,9 +126,8 @@ class ZSKT(PersistentGeneratorSynthesizer):
 
     def _generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xn = self.normalize(x)
-        t_logits = self.teacher(xn).float()
-        kl = sum(ops.kd_kl_div(s(xn), t_logits, self.config.T, backend=self.backend) for s in self.students)
-        return -self.config.adv * kl / len(self.students), t_logits
+        t_logits = self.teacher_forward(xn)
+        return self.config.adv * self.adversarial_loss(xn, t_logits, "kl", self.config.T), t_logits
 
     def student_loss(self, images: torch.Tensor) -> torch.Tensor:
         """ZSKT's student objective on a batch: KL(t || s) T^2 + beta * attention transfer over ``at_layers``.

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd_fast.classifiers import PenultimateTap
 from dfkd_fast.models import last_linear
 from dfkd_fast.tasks.robustness import model_device
 
@@ -69,28 +70,8 @@ def synthesize_impressions(model: nn.Module, n: int, image_size: Sequence[int], 
     return torch.cat(images), torch.cat(logits), time.perf_counter() - t0
 
 
-class FeatureTap:
-    """Captures the input of a module (default: the model's last ``nn.Linear``) on every forward.
-
-    ``.features`` is the last captured (N, F) tensor (with autograd). Use as a context manager or ``.remove()``.
-    """
-
-    def __init__(self, model: nn.Module, module: nn.Module | None = None) -> None:
-        self.module = module if module is not None else last_linear(model)
-        self.features: torch.Tensor | None = None
-        self._h = self.module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        self.features = torch.flatten(args[0], 1)
-
-    def remove(self) -> None:
-        self._h.remove()
-
-    def __enter__(self) -> FeatureTap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+#: The input of a module (default: the model's last ``nn.Linear``) on every forward; ``.features`` (N, F).
+FeatureTap = PenultimateTap
 
 
 def sample_batch(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -26,17 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd_fast.classifiers import model_device
+
 __all__ = ["NormalizedModel", "fgsm", "ifgsm", "pgd", "attack", "ATTACKS", "RobustnessResult", "robustness",
            "AdvTrainResult", "adversarial_train", "check_images", "model_device", "num_outputs"]
 
 ATTACKS = ("fgsm", "ifgsm", "pgd")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the first parameter (CPU for a parameter-free module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def check_images(x: torch.Tensor, name: str = "x", fn: str = "robustness", nonempty: bool = True) -> torch.Tensor:

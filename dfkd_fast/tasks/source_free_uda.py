@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd_fast.classifiers import accuracy as _accuracy
 from dfkd_fast.tasks._common import FeatureTap, last_linear, sample_batch
 from dfkd_fast.tasks.robustness import NormalizedModel, check_images, model_device, num_outputs
 
@@ -50,16 +51,9 @@ class Discriminator(nn.Module):
         return self.net(f)
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of a [0, 1]-pixel model (eval mode during the call). Shape: x (N, C, H, W), y (N,)."""
-    was = model.training
-    model.eval()
-    dev = model_device(model)
-    correct = sum(int((model(xb.to(dev)).argmax(1).cpu() == yb.cpu()).sum())
-                  for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True))
-    model.train(was)
-    return correct / len(x)
+    return _accuracy(model, x, y, batch_size=batch_size)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Transfer sets on disk (SPEC §7, §8): sharded, checksummed, atomically written, resumable.
+"""Writing a transfer set (SPEC §7, §8): sharded, checksummed, atomically written, resumable.
 
 Layout of ``out_dir``::
 
@@ -21,88 +21,31 @@ continues from ``writer.num_images`` -- unless the writer is ``stateful=True``, 
 """
 from __future__ import annotations
 
-import bisect
-import contextlib
 import glob
-import hashlib
 import json
 import os
-import platform
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from dfkd_fast.viz import save_grid
+from dfkd_fast import comm
+from dfkd_fast.transfer_set.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    _atomic_write_bytes,
+    _atomic_write_json,
+    _fsync_dir,
+    _jsonable,
+    _versions,
+    finalize_manifest,
+    sha256_file,
+    teacher_fingerprint,
+)
 
-__all__ = ["TransferSetWriter", "TransferSet", "export_png", "teacher_fingerprint", "finalize_manifest",
-           "save_grid", "sha256_file", "FORMAT", "FORMAT_VERSION"]
-
-FORMAT = "dfkd_fast.transfer_set"
-FORMAT_VERSION = 1
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def teacher_fingerprint(model: nn.Module | Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the state_dict in key order: name, dtype, shape and raw bytes of every tensor."""
-    sd = model.state_dict() if isinstance(model, nn.Module) else model
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        t = sd[k].detach().to("cpu").contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import dfkd_fast
-
-    return {"dfkd_fast": dfkd_fast.__version__, "torch": torch.__version__, "python": platform.python_version()}
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory; rename stays atomic
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _jsonable(meta: Mapping[str, Any]) -> dict[str, Any]:
-    try:
-        return json.loads(json.dumps(dict(meta), sort_keys=True))
-    except TypeError as e:
-        raise ValueError(f"TransferSetWriter: meta must be JSON-serializable (str/int/float/bool/list/dict): {e}"
-                         ) from e
+__all__ = ["TransferSetWriter", "write_tensors"]
 
 
 class TransferSetWriter:
@@ -403,162 +346,39 @@ class TransferSetWriter:
             self.close()
 
 
-def finalize_manifest(out_dir: str | os.PathLike) -> str:
-    """Merge ``meta.json`` and every rank's ``done-*.json`` into ``manifest.json`` (atomic). Returns its path."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    meta_path = os.path.join(out_dir, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"finalize_manifest: {meta_path} not found; is {out_dir} a transfer set?")
-    with open(meta_path) as f:
-        info = json.load(f)
-    ws = int(info.get("world_size", 1))
-    shards: list[dict[str, Any]] = []
-    layout = None
-    missing = []
-    for r in range(ws):
-        p = os.path.join(out_dir, f"done-{r:03d}.json")
-        if not os.path.isfile(p):
-            missing.append(r)
-            continue
-        with open(p) as f:
-            done = json.load(f)
-        shards += done["shards"]
-        layout = layout or done.get("layout")
-    if missing:
-        raise ValueError(f"finalize_manifest: ranks {missing} have not closed their writers in {out_dir}")
-    start = 0
-    for s in shards:
-        s["start"] = start
-        start += s["count"]
-    if layout is not None:
-        layout = {"image_shape": list(layout["images"]), "num_classes": int(layout["K"]),
-                  "soft_targets": len(layout["targets"]) == 1}
-    manifest = {**info, "shards": shards, "total": start, "layout": layout, "finalized": time.time(),
-                "versions": _versions()}
-    path = os.path.join(out_dir, "manifest.json")
-    _atomic_write_json(path, manifest)
-    return path
 
+def write_tensors(out: str, images: torch.Tensor, logits: torch.Tensor, meta: dict[str, Any],
+                  shard_size: int = 4096, collective: bool = False) -> str:
+    """Write in-memory images (uint8, or float in [0, 1]) and teacher logits as a transfer set at ``out``.
 
-class TransferSet(Dataset):
-    """A written transfer set as a ``torch.utils.data.Dataset`` (reads ``manifest.json``, never rescans).
+    With ``collective=True`` every rank of the process group (``dfkd_fast.comm``) calls it with its own
+    images and writes them as its shards of ONE set: rank 0 opens the set first, all ranks write, rank 0
+    writes the manifest after a barrier. For one process both forms are the same.
 
-    Items are ``(image float32 (C, H, W) in [0, 1], soft_label float32 (K,), target)`` where target is an
-    int64 scalar or a float32 (K,) soft target. Shards are loaded on first use and kept in memory.
-
-    Args:
-        path: the transfer-set directory.
-        verify: check every shard's sha256 against the manifest now (``ValueError`` naming a corrupted shard).
+    Shape: images (N, C, H, W), logits (N, K); N may be 0 on some ranks (collective).
     """
+    if images.shape[0] != logits.shape[0]:
+        raise ValueError(f"images and logits must be equally many, got {images.shape[0]} and {logits.shape[0]}")
+    r, world = (comm.rank(), comm.world_size()) if collective else (0, 1)
+    x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    meta = dict(meta)
+    if not collective:
+        meta["num_images"] = int(x.shape[0])
+    meta.update(num_classes=int(logits.shape[1]), image_size=list(x.shape[1:]))
 
-    def __init__(self, path: str | os.PathLike, verify: bool = False) -> None:
-        self.path = os.path.abspath(os.fspath(path))
-        mpath = os.path.join(self.path, "manifest.json")
-        if not os.path.isfile(mpath):
-            raise FileNotFoundError(f"TransferSet: {mpath} not found; finish the run (writer.close(), or resume "
-                                    "it with TransferSetWriter(..., resume=True) and close) first")
-        with open(mpath) as f:
-            self.manifest: dict[str, Any] = json.load(f)
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"TransferSet: {mpath} is not a {FORMAT} manifest")
-        self.meta: dict[str, Any] = self.manifest.get("meta", {})
-        self.soft_kind: str = self.manifest.get("soft_kind", "logits")
-        self._shards: list[dict[str, Any]] = self.manifest["shards"]
-        self._starts = [s["start"] for s in self._shards]
-        self._cache: dict[int, dict[str, torch.Tensor]] = {}
-        if verify:
-            self.verify()
+    def open_writer() -> TransferSetWriter:
+        return TransferSetWriter(out, meta, shard_size=shard_size, store="uint8", soft_kind="logits", rank=r,
+                                 world_size=world)
 
-    def verify(self) -> None:
-        """Check every shard's existence and sha256; raise naming the first bad shard."""
-        for s in self._shards:
-            p = os.path.join(self.path, s["file"])
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"TransferSet: shard {s['file']} listed in the manifest is missing")
-            if sha256_file(p) != s["sha256"]:
-                raise ValueError(f"TransferSet: shard {s['file']} is corrupted (sha256 does not match the manifest)")
-
-    def __len__(self) -> int:
-        return int(self.manifest["total"])
-
-    def _shard(self, j: int) -> dict[str, torch.Tensor]:
-        if j not in self._cache:
-            from safetensors.torch import load_file
-
-            p = os.path.join(self.path, self._shards[j]["file"])
-            try:
-                data = load_file(p)
-            except FileNotFoundError:
-                raise
-            except Exception as e:  # a damaged file: name it
-                raise ValueError(f"TransferSet: cannot read shard {self._shards[j]['file']} ({e}); "
-                                 "run TransferSet(path, verify=True) to check all shards") from e
-            if data["images"].shape[0] != self._shards[j]["count"]:
-                raise ValueError(f"TransferSet: shard {self._shards[j]['file']} holds {data['images'].shape[0]} "
-                                 f"images, the manifest says {self._shards[j]['count']}")
-            self._cache[j] = data
-        return self._cache[j]
-
-    @staticmethod
-    def _to_float(img: torch.Tensor) -> torch.Tensor:
-        return img.float().div_(255.0) if img.dtype == torch.uint8 else img.float()
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"TransferSet: index {i} out of range for {n} images")
-        j = bisect.bisect_right(self._starts, i) - 1
-        d = self._shard(j)
-        k = i - self._starts[j]
-        return self._to_float(d["images"][k]), d["soft_labels"][k].float(), d["targets"][k]
-
-    def _all(self, key: str) -> torch.Tensor:
-        return torch.cat([self._shard(j)[key] for j in range(len(self._shards))])
-
-    def images(self) -> torch.Tensor:
-        """All images, float32 (N, C, H, W) in [0, 1]."""
-        return self._to_float(self._all("images"))
-
-    def soft_labels(self) -> torch.Tensor:
-        """All soft labels, float32 (N, K) (logits or probabilities: see ``soft_kind``)."""
-        return self._all("soft_labels").float()
-
-    def targets(self) -> torch.Tensor:
-        """All targets, (N,) int64 or (N, K) float32."""
-        return self._all("targets")
-
-    def seeds(self) -> torch.Tensor:
-        """Per-image seed of the batch that produced it, (N,) int64."""
-        return self._all("seeds")
-
-
-def export_png(path: str | os.PathLike, out_dir: str | os.PathLike,
-               class_names: list[str] | None = None) -> int:
-    """Write every image of a transfer set as ``out_dir/<class>/<index:07d>.png`` (class = argmax soft label).
-
-    Returns:
-        the number of files written.
-    """
-    from PIL import Image
-
-    ts = TransferSet(path)
-    out_dir = os.fspath(out_dir)
-    names = class_names or ts.meta.get("class_names")
-    written = 0
-    for j in range(len(ts._shards)):
-        d = ts._shard(j)
-        imgs = d["images"]
-        u8 = imgs if imgs.dtype == torch.uint8 else imgs.float().clamp(0, 1).mul(255).round().to(torch.uint8)
-        cls = d["soft_labels"].float().argmax(1)
-        for k in range(u8.shape[0]):
-            c = int(cls[k])
-            label = str(names[c]) if names is not None and c < len(names) else str(c)
-            folder = os.path.join(out_dir, label)
-            os.makedirs(folder, exist_ok=True)
-            arr = u8[k].permute(1, 2, 0).numpy()
-            img = Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr[..., :3])
-            img.save(os.path.join(folder, f"{ts._starts[j] + k:07d}.png"))
-            written += 1
-    return written
+    writer = open_writer() if r == 0 else None  # rank 0 first: it writes meta.json
+    comm.barrier()
+    writer = writer or open_writer()
+    for i in range(0, x.shape[0], shard_size):
+        lg = logits[i:i + shard_size].float().cpu()
+        writer.add(x[i:i + shard_size].cpu(), lg, lg.argmax(1))
+    writer.close(finalize=False)
+    comm.barrier()
+    if r == 0:
+        finalize_manifest(out)
+    comm.barrier()
+    return out
