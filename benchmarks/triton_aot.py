@@ -31,7 +31,6 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as bc  # noqa: E402
-
 from dfkd_fast.kernels import aot  # noqa: E402
 
 

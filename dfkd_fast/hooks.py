@@ -184,6 +184,32 @@ class _Probe:
         finally:
             self._paused = prev
 
+    def pause(self) -> Self:
+        """Stop capturing until :meth:`capturing` (a persistent probe's idle state)."""
+        self._paused = True
+        return self
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[Self]:
+        """Forwards inside this block are captured, also when the probe is paused outside it (a persistent
+        probe of a synthesizer captures only during its batches)."""
+        prev = self._paused
+        self._paused = False
+        try:
+            yield self
+        finally:
+            self._paused = prev
+
+    def clear(self) -> None:
+        """Drop the captured stats of the last forward (and the autograd graph they keep alive)."""
+        self._stats = [None] * len(self._stats)
+
+    def detach_captured(self) -> None:
+        """Keep the captured stats but cut them from the autograd graph. A step function calls this once its
+        loss is assembled, before ``autograd.grad``: a tensor that outlives a compiled step must not hold
+        grad_fns its backward consumes; the detached stats still serve ``update_momentum``."""
+        self._stats = [None if s is None else tuple(t.detach() for t in s) for s in self._stats]
+
     def remove(self) -> None:
         """Remove every hook from the model."""
         for h in self._handles:
@@ -272,11 +298,6 @@ class TeacherProbe(_Probe):
                 self._stats[index] = _channel_stats_unchecked(inputs[0], self.backend, "TeacherProbe")
 
         return hook
-
-    def clear(self) -> None:
-        """Drop the captured stats of the last forward (and the autograd graph they keep alive), e.g. between
-        batches of a persistent probe."""
-        self._stats = [None] * len(self.layers)
 
     def _captured(self, what: str) -> tuple[int, ...]:
         idx = tuple(i for i, s in enumerate(self._stats) if s is not None)
@@ -417,14 +438,6 @@ class TeacherProbe(_Probe):
         self._has_mmt = [st is not None for st in stats]
         self._beta_cache.clear()
 
-    @property
-    def _mmt(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Per-layer view of the moving averages (kept for callers of the former attribute)."""
-        return self.momentum_stats
-
-    @_mmt.setter
-    def _mmt(self, stats: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
-        self.set_momentum_stats(stats)
 
 
 class FeatureProbe(_Probe):

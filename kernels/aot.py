@@ -264,7 +264,7 @@ def _compile_indices(args: tuple[tuple[str, ...], bool, int, list[int]]) -> list
     if subset:
         specs = covering_subset(specs)
     picked = [specs[i] for i in indices]
-    return [(i, result_record(*row)) for i, row in zip(indices, compile_all(picked, arch))]
+    return [(i, result_record(*row)) for i, row in zip(indices, compile_all(picked, arch), strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,14 +18,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import dfkd_fast.ops as ops
 from dfkd_fast.kernels import LAUNCHES
 from dfkd_fast.kernels.bn_stats import bn_stat_loss_ref, channel_stats_ref
 from dfkd_fast.kernels.crop_flip import crop_flip_grid, crop_flip_ref
 from dfkd_fast.kernels.dirichlet import class_similarity_ref
 from dfkd_fast.kernels.info_nce import info_nce_ref
 from dfkd_fast.kernels.soft_ce import kd_kl_div_ref, soft_target_cross_entropy_ref
+
+import dfkd_fast.ops as ops
 
 pytestmark = pytest.mark.gpu
 
@@ -87,7 +87,8 @@ def resnet34_feats():
 def test_bn_stat_loss_resnet34_fp32(resnet34_feats, kind, momentum):
     feats, rms, rvs = resnet34_feats
     xs = [f.clone().requires_grad_(True) for f in feats]
-    mstats = [(torch.randn_like(m) * 0.1, torch.rand_like(v) + 0.5) for m, v in zip(rms, rvs)] if momentum else None
+    mstats = ([(torch.randn_like(m) * 0.1, torch.rand_like(v) + 0.5) for m, v in zip(rms, rvs, strict=True)]
+              if momentum else None)
     weights = [10.0] + [1.0] * (len(xs) - 1)  # DeepInversion's first_bn_multiplier
     LAUNCHES.clear()
     loss = ops.bn_stat_loss(xs, rms, rvs, weights, kind=kind, momentum_stats=mstats, momentum=momentum,
@@ -99,7 +100,7 @@ def test_bn_stat_loss_resnet34_fp32(resnet34_feats, kind, momentum):
     ref = bn_stat_loss_ref(x64, [m.double() for m in rms], [v.double() for v in rvs], weights, kind, m64, momentum)
     g_ref = _grads(ref, x64)
     _close_fp32(loss, ref, "bn_stat_loss", "loss")
-    for i, (a, b) in enumerate(zip(g, g_ref)):
+    for i, (a, b) in enumerate(zip(g, g_ref, strict=True)):
         _close_fp32(a, b, "bn_stat_loss", f"grad of layer {i} {tuple(a.shape)}")
 
 
@@ -112,7 +113,7 @@ def test_bn_stat_loss_resnet34_channels_last_fp32(resnet34_feats):
     ref = bn_stat_loss_ref(x64, [m.double() for m in rms], [v.double() for v in rvs])
     g_ref = _grads(ref, x64)
     _close_fp32(loss, ref, "bn_stat_loss", "loss (channels_last)")
-    for i, (a, b) in enumerate(zip(g, g_ref)):
+    for i, (a, b) in enumerate(zip(g, g_ref, strict=True)):
         assert a.is_contiguous(memory_format=torch.channels_last), i
         _close_fp32(a, b, "bn_stat_loss", f"grad of layer {i} (channels_last)")
 
@@ -128,10 +129,11 @@ def test_bn_stat_loss_resnet34_bf16(resnet34_feats):
     # eager bf16: DeepInversion's hook computing the statistics in bf16
     xe = [x.detach().clone().requires_grad_(True) for x in xs]
     eager = sum(torch.norm(rv.to(torch.bfloat16) - x.var([0, 2, 3], unbiased=False), 2)
-                + torch.norm(rm.to(torch.bfloat16) - x.mean([0, 2, 3]), 2) for x, rm, rv in zip(xe, rms, rvs))
+                + torch.norm(rm.to(torch.bfloat16) - x.mean([0, 2, 3]), 2)
+                for x, rm, rv in zip(xe, rms, rvs, strict=True))
     g_eager = _grads(eager, xe)
     _within_2x_eager(loss, eager, ref, "bn_stat_loss", "loss")
-    for i, (a, e, b) in enumerate(zip(g, g_eager, g_ref)):
+    for i, (a, e, b) in enumerate(zip(g, g_eager, g_ref, strict=True)):
         assert a.dtype == torch.bfloat16
         _within_2x_eager(a, e, b, "bn_stat_loss", f"grad of layer {i}")
 

@@ -275,7 +275,7 @@ def test_teacher_probe_repacks_changed_running_stats_and_restores_momentum(backe
     for (m, v), (sm, sv) in zip(probe.momentum_stats, saved, strict=True):
         torch.testing.assert_close(m, sm)
         torch.testing.assert_close(v, sv)
-    probe._mmt = [None] * 3  # the former attribute still works (setter)
+    probe.set_momentum_stats(None)
     assert probe.momentum_stats == [None, None, None]
     probe.clear()
     with pytest.raises(RuntimeError, match="no BN input captured"):

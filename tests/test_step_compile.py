@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from test_syncs import BATCH, IMG, K, TINY_G, bn_teacher, small_student
+from test_syncs import BATCH, IMG, TINY_G, K, bn_teacher, small_student
 
 from dfkd_fast.synthesis import build_synthesizer
 from dfkd_fast.synthesis.cmi import draw_global_view
@@ -126,6 +126,8 @@ def test_bf16_autocast_stays_close_to_fp32(method):
         finally:
             handle.remove()
         dtypes[prec] = set(seen)
+        with synth.probe.capturing(), synth.autocast(), torch.no_grad():  # a forward as a step makes it
+            synth.teacher(torch.rand(4, *synth.image_size))
         assert all(m.dtype == torch.float32 and v.dtype == torch.float32 for m, v in synth.probe.layer_stats())
     # autocast covered the teacher in the steps (the returned teacher_logits are computed in fp32)
     assert dtypes["fp32"] == {torch.float32} and torch.bfloat16 in dtypes["bf16"]

@@ -307,7 +307,7 @@ def test_non_finite_loss_names_method_batch_and_step():
     with torch.no_grad():
         teacher[-1].bias[0] = float("inf")  # logits +inf -> the CE becomes NaN
     synth = DAFL(teacher, K, IMG, batch_size=8, iterations=3, **TINY)
-    with pytest.raises(ValueError, match=r"dafl: the synthesis loss became nan at step 0 of batch 0"):
+    with pytest.raises(ValueError, match=r"dafl: the loss became nan at step 0 of batch 0"):
         synth.synthesize()
 
 

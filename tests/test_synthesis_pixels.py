@@ -250,7 +250,7 @@ def test_deep_inversion_keeps_one_probe_paused_outside_batches(bn_teacher):
     del syn
     import gc
 
-    from dfkd_fast.synthesis.pixel_base import remove_dead_probes
+    from dfkd_fast.synthesis.base import remove_dead_probes
 
     gc.collect()
     assert len(bn_teacher._forward_pre_hooks) == hooks  # never removed inside a garbage collection ...
@@ -273,7 +273,7 @@ def test_non_finite_loss_names_method_and_first_bad_step(name, bn_teacher):
 
     extra = {"reference_images": torch.rand(4, *IMG)} if name == "impression_space" else {}
     syn = Exploding(bn_teacher, K, IMG, batch_size=2, iterations=5, **extra)
-    with pytest.raises(ValueError, match=rf"{name}: the loss became nan at step 2; lower lr"):
+    with pytest.raises(ValueError, match=rf"{name}: the loss became nan at step 2 of batch 0 .*; lower lr"):
         syn.synthesize()
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dfkd_fast.kernels import HAS_TRITON
 
 if HAS_TRITON:

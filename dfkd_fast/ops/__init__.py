@@ -6,7 +6,7 @@ autograd), so ``torch.compile(fullgraph=True)`` traces every op; value checks ar
 (``StatConstants``, ``pack_stat_constants``, ``pack_momentum``, ``bn_stat_loss_packed``) are importable from
 here too but are not listed in ``__all__`` / ``OP_BACKENDS``.
 """
-from dfkd_fast.ops.bn_stats import (
+from dfkd_fast.ops.bn_stats import (  # noqa: F401 (helpers re-exported beside the ops)
     StatConstants,
     bn_stat_loss,
     bn_stat_loss_from_stats,

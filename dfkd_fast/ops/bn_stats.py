@@ -27,8 +27,8 @@ import torch
 
 from dfkd_fast import _backend, _checks
 from dfkd_fast.kernels import bn_stats as _k
-from dfkd_fast.ops._registry import fused_op
 from dfkd_fast.kernels.bn_stats import KINDS, bn_stat_layer_losses_ref, channel_stats_ref, stat_loss_terms_ref
+from dfkd_fast.ops._registry import fused_op
 
 __all__ = ["bn_stats", "bn_stat_loss", "channel_stats", "bn_stat_loss_from_stats", "StatConstants",
            "pack_stat_constants", "pack_momentum", "bn_stat_loss_packed"]

@@ -7,9 +7,12 @@ optimizer), extends ``state_dict`` / ``load_state_dict`` so an interrupted run r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -188,17 +191,67 @@ class Synthesizer:
         """``fn`` compiled with ``torch.compile(mode=compile)``, or ``fn`` itself when ``compile="off"``.
 
         A step function may call ``torch.autograd.grad`` (loss and backward in one graph): it is traced with
-        ``torch._dynamo.config.trace_autograd_ops`` on.
+        ``torch._dynamo.config.trace_autograd_ops`` on. Under ``"reduce-overhead"`` (CUDA graphs) a replay
+        overwrites the previous call's outputs, which loss curves and optimizers still hold: each call then
+        marks a new graph step and returns copies of its tensor outputs.
         """
         if self.compile_mode == "off":
             return fn
         compiled = torch.compile(fn, mode=self.compile_mode, fullgraph=fullgraph, dynamic=False)
+        cudagraphs = self.compile_mode == "reduce-overhead"
 
         def step(*args: Any, **kwargs: Any) -> Any:
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch._dynamo.config.patch(trace_autograd_ops=True):
-                return compiled(*args, **kwargs)
+                out = compiled(*args, **kwargs)
+            if cudagraphs:
+                out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+            return out
 
         return step
+
+    # ----- persistent probes (hooks on the teacher that live as long as the synthesizer) -----
+    def own_probe(self, probe: _P) -> _P:
+        """Keep ``probe`` (a :class:`dfkd_fast.hooks.TeacherProbe` / ``FeatureProbe``) for this synthesizer's
+        lifetime: paused now, capturing only inside :meth:`probes_capturing`, released by
+        :meth:`release_captures`; its hooks are removed once the synthesizer is garbage-collected (at the next
+        batch of any synthesizer, never from inside a collection, which may run in the middle of a forward or
+        of a ``torch.compile`` trace over the teacher's hooks). Returns ``probe``."""
+        remove_dead_probes()
+        probe.pause()
+        self.__dict__.setdefault("_probes", []).append(probe)
+        weakref.finalize(self, _DEAD_PROBES.append, probe)
+        return probe
+
+    @contextlib.contextmanager
+    def probes_capturing(self) -> Iterator[None]:
+        """Every owned probe captures inside the block (one batch); their captured stats (and the autograd
+        graph those keep alive) are dropped when it ends."""
+        probes = self.__dict__.get("_probes", ())
+        with contextlib.ExitStack() as stack:
+            for probe in probes:
+                stack.enter_context(probe.capturing())
+                stack.callback(probe.clear)
+            yield
+
+    def release_captures(self) -> None:
+        """Cut the owned probes' captured stats from the graph once a step's loss is assembled, before
+        ``autograd.grad`` (needed under ``torch.compile``: see ``TeacherProbe.detach_captured``)."""
+        if torch.compiler.is_compiling():
+            for probe in self.__dict__.get("_probes", ()):
+                probe.detach_captured()
+
+    def read_losses(self, tracker: Any, hint: str = "lower the learning rate or the loss weights"
+                    ) -> tuple[float, ...]:
+        """The batch's loss curve from ``tracker`` (:class:`BestTracker`), read once; raises ``ValueError``
+        naming the method, the batch and the first step (from 0) whose loss is NaN/Inf, with ``hint``."""
+        losses = tracker.losses()
+        for i, v in enumerate(losses):
+            if not math.isfinite(v):
+                raise ValueError(f"{self.name}: the loss became {v} at step {i} of batch {self.batches_done} "
+                                 f"(steps counted from 0); {hint}")
+        return losses
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator, device=self.device)
@@ -214,6 +267,7 @@ class Synthesizer:
             if targets.dim() == 1 and targets.numel() and bool(((targets < 0) | (targets >= self.num_classes)).any()):
                 raise ValueError(f"targets must be class indices in [0, {self.num_classes}), "
                                  f"got range [{int(targets.min())}, {int(targets.max())}]")
+        remove_dead_probes()
         t0 = time.perf_counter()
         res = self._synthesize(targets)
         if self.device.type == "cuda":
@@ -278,6 +332,17 @@ class Synthesizer:
         if out.dim() != 2 or out.shape[1] != self.num_classes:
             raise ValueError(f"the teacher outputs shape {tuple(out.shape)} but num_classes={self.num_classes}; "
                              "pass the teacher's number of classes")
+
+
+_P = Any
+#: probes of garbage-collected synthesizers; their hooks are removed at the next safe point
+_DEAD_PROBES: list[Any] = []
+
+
+def remove_dead_probes() -> None:
+    """Remove the hooks of the probes of collected synthesizers (see :meth:`Synthesizer.own_probe`)."""
+    while _DEAD_PROBES:
+        _DEAD_PROBES.pop().remove()
 
 
 def _module_device(m: nn.Module) -> torch.device:

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from dfkd_fast import _checks
 from dfkd_fast.augment import roll_flip, sample_jitter
 from dfkd_fast.hooks import TeacherProbe
+from dfkd_fast.synthesis._generator_common import eval_mode
 from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, register
 from dfkd_fast.synthesis.losses import competition_loss, l2_prior, soft_target_ce, tv_loss
-from dfkd_fast.synthesis.pixel_base import PixelSynthesizer, capturing, persistent, release
+from dfkd_fast.synthesis.pixel_base import PixelSynthesizer
 
 __all__ = ["DeepInversion"]
 
@@ -86,8 +87,8 @@ class DeepInversion(PixelSynthesizer):
         if self.student is not None and self.student is self.teacher:
             raise ValueError("deep_inversion: the student must be a different module from the teacher")
         #: one probe for every batch (paused outside them); its hooks go when the synthesizer is collected
-        self.probe = persistent(TeacherProbe(self.teacher, kind="l2", first_bn_multiplier=cfg.first_bn_multiplier,
-                                             backend=self.backend), self)
+        self.probe = self.own_probe(TeacherProbe(self.teacher, kind="l2", first_bn_multiplier=cfg.first_bn_multiplier,
+                                                 backend=self.backend))
 
     @property
     def max_shift(self) -> int:
@@ -141,21 +142,11 @@ class DeepInversion(PixelSynthesizer):
             loss = loss + cfg.adv * competition_loss(logits, s_logits, cfg.temperature)
         return loss
 
-    def release_captures(self) -> None:
-        release(self.probe)
-
     @contextlib.contextmanager
     def batch_context(self) -> Iterator[None]:
         """The probe captures and the student (ADI) is in eval mode during the batch; both restored after."""
-        student_mode = self.student.training if self.student is not None else False
-        if self.student is not None:
-            self.student.eval()
-        try:
-            with capturing(self.probe):
-                yield
-        finally:
-            if self.student is not None:
-                self.student.train(student_mode)
+        with eval_mode([self.student] if self.student is not None else []), self.probes_capturing():
+            yield
 
     def _synthesize(self, targets: torch.Tensor | None) -> SynthesisResult:
         cfg = self.config

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from dfkd_fast import _checks, ops
 from dfkd_fast.hooks import TeacherProbe
@@ -47,16 +45,6 @@ def set_grads(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | No
     """``t.grad = g`` for each pair (``None`` -> zeros): hands a step's gradients to an optimizer."""
     for t, g in zip(tensors, grads, strict=True):
         t.grad = torch.zeros_like(t) if g is None else g
-
-
-def _copy_outputs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` as a new CUDA-graph step each call, with its tensor outputs copied out of the graph's buffers."""
-
-    def step(*args: Any) -> Any:
-        torch.compiler.cudagraph_mark_step_begin()
-        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, fn(*args))
-
-    return step
 
 
 class GeneratorSynthesizer(Synthesizer):
@@ -81,11 +69,9 @@ class GeneratorSynthesizer(Synthesizer):
         self._validate_config()
         _ = self.students  # validate
         self.probe: TeacherProbe | None = None
-        self._probe_idle = contextlib.ExitStack()
         if self.probe_kind is not None:
-            self.probe = TeacherProbe(self.teacher, kind=self.probe_kind, momentum=self.probe_momentum,
-                                      backend=self.backend)
-            self._probe_idle.enter_context(self.probe.paused())
+            self.probe = self.own_probe(TeacherProbe(self.teacher, kind=self.probe_kind, momentum=self.probe_momentum,
+                                                     backend=self.backend))
         self._step_fn: Callable[..., Any] | None = None
 
     # ----- configuration -----
@@ -161,22 +147,10 @@ class GeneratorSynthesizer(Synthesizer):
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def _probe_capturing(self) -> Iterator[None]:
-        if self.probe is None:
-            yield
-            return
-        self._probe_idle.close()  # un-pause
-        try:
-            yield
-        finally:
-            self._probe_idle = contextlib.ExitStack()
-            self._probe_idle.enter_context(self.probe.paused())
-
-    @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Context of one batch: op value checks deferred to its end (one read), students in eval mode, the
         probe capturing, the method's extra context."""
-        with _checks.deferred(), eval_mode(self.students), self._probe_capturing(), self._synthesis_context():
+        with _checks.deferred(), eval_mode(self.students), self.probes_capturing(), self._synthesis_context():
             yield
 
     def step_function(self) -> Callable[..., Any]:
@@ -187,33 +161,16 @@ class GeneratorSynthesizer(Synthesizer):
         the best batch and the optimizers still hold: each call marks a new step and returns copies.
         """
         if self._step_fn is None:
-            fn = self.compile_step(self._step)
-            if self.compile_mode == "reduce-overhead":
-                fn = _copy_outputs(fn)
-            self._step_fn = fn
+            self._step_fn = self.compile_step(self._step)
         return self._step_fn
 
     def _step(self, *args: Any) -> Any:
         raise NotImplementedError
 
-    def release_captures(self) -> None:
-        """Detach what the probe captured in this step (call it once the loss is assembled, before
-        ``autograd.grad``): tensors that outlive a compiled step must not hold grad_fns its backward consumes
-        (``torch.compile(fullgraph=True)`` refuses that). The detached stats still serve ``update_momentum``.
-        Eager steps skip it (the captured stats are replaced by the next forward)."""
-        if self.probe is not None and torch.compiler.is_compiling():
-            # TeacherProbe has no public "detach the captured stats" yet; its capture list is rebuilt per forward
-            self.probe._stats = [None if s is None else tuple(t.detach() for t in s) for s in self.probe._stats]
-
     def finish(self, tracker: BestTracker) -> tuple[float, ...]:
         """The batch's loss curve, read once; raises ``ValueError`` naming the step where it became NaN/Inf."""
-        losses = tracker.losses()
-        for i, v in enumerate(losses):
-            if not math.isfinite(v):
-                raise ValueError(f"{self.name}: the synthesis loss became {v} at step {i} of batch {self.batches_done} "
-                                 "(steps counted from 0); lower the learning rates (lr_g / lr_z) or the loss weights, "
-                                 "or check the teacher and its input normalization (mean / std)")
-        return losses
+        return self.read_losses(tracker, "lower the learning rates (lr_g / lr_z) or the loss weights, or check the "
+                                "teacher and its input normalization (mean / std)")
 
     # ----- FastDFKD moving averages (kept by the probe) -----
     @property

@@ -24,8 +24,7 @@ the flips). One :class:`~dfkd_fast.hooks.FeatureProbe` serves every batch and ev
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import nn
 from dfkd_fast.augment import CropFlip
 from dfkd_fast.hooks import FeatureProbe
 from dfkd_fast.synthesis.base import SynthesisConfig, SynthesisResult, register
-from dfkd_fast.synthesis.pixel_base import PixelSynthesizer, capturing, persistent, release
+from dfkd_fast.synthesis.pixel_base import PixelSynthesizer
 
 __all__ = ["ImpressionSpace"]
 
@@ -92,7 +91,7 @@ class ImpressionSpace(PixelSynthesizer):
                                 mean=self.mean, std=self.std, backend=self.backend, generator=self.generator)
         self.layer_types = tuple(layer_types)
         #: one probe for every batch and encode (paused outside them); its hooks go with the synthesizer
-        self.probe = persistent(FeatureProbe(self.teacher, layer_types=self.layer_types, backend=self.backend), self)
+        self.probe = self.own_probe(FeatureProbe(self.teacher, layer_types=self.layer_types, backend=self.backend))
         self.channels = self._probe_channels()
         if reference_images is not None:
             self.code: torch.Tensor | None = self.encode(reference_images)
@@ -104,7 +103,7 @@ class ImpressionSpace(PixelSynthesizer):
     # ----- encoding -----
     def _probe_channels(self) -> list[int]:
         c, h, w = self.image_size
-        with capturing(self.probe) as probe, torch.no_grad():
+        with self.probe.capturing() as probe, torch.no_grad():
             self.teacher(torch.zeros(1, c, h, w, device=self.device))
             return [int(m.numel()) for m, _ in probe.layer_stats()]
 
@@ -134,7 +133,7 @@ class ImpressionSpace(PixelSynthesizer):
             raise ValueError("impression_space: encode needs at least one image")
         total = 0
         sums: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with capturing(self.probe) as probe:
+        with self.probe.capturing() as probe:
             for chunk in images.split(batch_size):
                 self.teacher(self.normalize(chunk))
                 n = chunk.shape[0]
@@ -206,15 +205,6 @@ class ImpressionSpace(PixelSynthesizer):
         if content is not None:
             loss = loss + content_weight * (x - content).pow(2).mean()
         return loss
-
-    def release_captures(self) -> None:
-        release(self.probe)
-
-    @contextlib.contextmanager
-    def batch_context(self) -> Iterator[None]:
-        """The probe captures during the batch."""
-        with capturing(self.probe):
-            yield
 
     def decode(self, code: torch.Tensor, n: int, iterations: int | None = None) -> tuple[torch.Tensor, list[float]]:
         """Decode ``code`` into ``n`` new images from uniform noise (uses this synthesizer's generator).

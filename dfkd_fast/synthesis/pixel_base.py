@@ -30,9 +30,7 @@ curve, the deferred checks). A method implements :meth:`PixelSynthesizer.step_lo
 from __future__ import annotations
 
 import contextlib
-import math
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,8 +41,7 @@ from dfkd_fast import _checks
 from dfkd_fast.synthesis._generator_common import BestTracker
 from dfkd_fast.synthesis.base import Synthesizer
 
-__all__ = ["PixelRun", "PixelSynthesizer", "BestTracker", "capturing", "persistent", "release",
-           "remove_dead_probes"]
+__all__ = ["PixelRun", "PixelSynthesizer", "BestTracker"]
 
 
 @dataclass(frozen=True)
@@ -53,58 +50,6 @@ class PixelRun:
 
     images: torch.Tensor
     losses: tuple[float, ...]
-
-
-@contextlib.contextmanager
-def capturing(probe: Any) -> Iterator[Any]:
-    """Un-pause a persistent probe (:class:`dfkd_fast.hooks.TeacherProbe` / ``FeatureProbe``) inside the block.
-
-    The pixel methods keep one probe per synthesizer, paused outside their batches so that other forwards of
-    the same teacher (teacher logits, a student's KD loop) are not captured.
-    """
-    prev = probe._paused
-    probe._paused = False
-    try:
-        yield probe
-    finally:
-        probe._paused = prev
-
-
-def release(probe: Any) -> None:
-    """Drop a probe's captured statistics (they are part of one step's graph).
-
-    Called after the loss is built and before ``torch.autograd.grad`` consumes the graph: under
-    ``torch.compile`` a tensor kept on the probe would escape the compiled step as an output whose graph the
-    gradient call has already consumed (a graph break); eagerly it just frees the step's activations sooner.
-    """
-    clear = getattr(probe, "clear", None)
-    if clear is not None:
-        clear()
-    else:
-        probe._stats = [None] * len(probe.layers)
-
-
-#: probes whose synthesizer was garbage-collected; their hooks are removed at the next safe point
-_DEAD_PROBES: list[Any] = []
-
-
-def persistent(probe: Any, owner: object) -> Any:
-    """Pause ``probe`` now; remove its hooks once ``owner`` has been garbage-collected. Returns ``probe``.
-
-    The collection only queues the probe: its hooks are removed by :func:`remove_dead_probes`, which the pixel
-    loop calls before each batch, never from inside a garbage collection (that could run in the middle of a
-    forward pass or of a ``torch.compile`` trace that iterates over the teacher's hooks).
-    """
-    remove_dead_probes()
-    probe._paused = True
-    weakref.finalize(owner, _DEAD_PROBES.append, probe)
-    return probe
-
-
-def remove_dead_probes() -> None:
-    """Remove the hooks of the probes of collected synthesizers (see :func:`persistent`)."""
-    while _DEAD_PROBES:
-        _DEAD_PROBES.pop().remove()
 
 
 class PixelSynthesizer(Synthesizer):
@@ -132,11 +77,8 @@ class PixelSynthesizer(Synthesizer):
         return lr
 
     def batch_context(self) -> contextlib.AbstractContextManager:
-        """Context around one batch's optimization (default: none)."""
-        return contextlib.nullcontext()
-
-    def release_captures(self) -> None:
-        """Drop per-step state captured by hooks once the loss is built (default: none; see :func:`release`)."""
+        """Context around one batch's optimization (default: the owned probes capture)."""
+        return self.probes_capturing()
 
     # ----- helpers -----
     def teacher_forward(self, inp: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
@@ -155,10 +97,7 @@ class PixelSynthesizer(Synthesizer):
         """The per-step function ``(x, targets, *view) -> (loss, grad)``, compiled once when ``compile`` is on."""
         fn = self.__dict__.get("_step_fn")
         if fn is None:
-            fn = self.compile_step(self._step)
-            if fn is not self._step:
-                fn = _with_traced_autograd(fn, cudagraphs=self.compile_mode == "reduce-overhead")
-            self._step_fn = fn
+            fn = self._step_fn = self.compile_step(self._step)
         return fn
 
     def optimize(self, x0: torch.Tensor, targets: Any, iterations: int, lr: float,
@@ -173,7 +112,6 @@ class PixelSynthesizer(Synthesizer):
 
         Shape: x0 (N, C, H, W) in [0, 1] -> images (N, C, H, W).
         """
-        remove_dead_probes()
         x = x0.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=lr, betas=tuple(betas))
         tracker = BestTracker()
@@ -193,30 +131,7 @@ class PixelSynthesizer(Synthesizer):
                 opt.step()
                 with torch.no_grad():
                     x.clamp_(0.0, 1.0)
-        losses = tracker.losses()  # the one read of the loss curve
-        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
-        if bad is not None:
-            raise ValueError(f"{self.name}: the loss became {losses[bad]} at step {bad}; "
-                             "lower lr or the loss weights")
+        losses = self.read_losses(tracker, "lower lr or the loss weights")  # the one read of the loss curve
         guard.check()
         images = tracker.best[0] if self.keep_best else x.detach().clone()
         return PixelRun(images=images, losses=losses)
-
-
-def _with_traced_autograd(fn: Callable[..., Any], cudagraphs: bool = False) -> Callable[..., Any]:
-    """Call a compiled step with dynamo tracing ``torch.autograd.grad`` (one graph: loss + gradient).
-
-    With CUDA graphs (``reduce-overhead``) each call is a new graph-tree step and the loss is copied out of the
-    graph's static output buffer (it is kept for the loss curve; the gradient is consumed by Adam at once).
-    """
-    cfg = torch._dynamo.config
-    patch = cfg.patch(trace_autograd_ops=True) if hasattr(cfg, "trace_autograd_ops") else contextlib.nullcontext()
-
-    def call(*args: Any) -> Any:
-        if cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with patch:
-            loss, grad = fn(*args)
-        return (loss.clone(), grad) if cudagraphs else (loss, grad)
-
-    return call
