@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dfkd_fast.models import build_model
-from dfkd_fast.synthesis import build_synthesizer
+from dfkd_fast.synthesis import DeepInversion, build_synthesizer
 from dfkd_fast.synthesis.pixel_base import PixelSynthesizer
 
 K = 10
@@ -133,3 +133,21 @@ def test_deep_inversion_bf16_follows_fp32_loss_curve() -> None:
     assert not torch.equal(bf16, fp32)  # autocast really ran in bf16
     torch.testing.assert_close(bf16, fp32, rtol=1e-2, atol=0)
     assert bf16[-1] < bf16[0]  # and it still optimizes
+
+
+def test_many_synthesizers_in_one_process_each_compile_their_own_step(monkeypatch) -> None:
+    """Dynamo caches per code object with a recompile limit: every synthesizer compiles the same ``_step``
+    method guarded on its own modules, so without a private code copy per synthesizer the next synthesizer of a
+    process fails (``fullgraph=True``) once the limit is reached (here 1, by default 8)."""
+    real = torch.compile
+
+    def compile_aot_eager(fn, **kw):  # keep the CPU test fast: same tracing, no inductor codegen
+        return real(fn, backend="aot_eager", fullgraph=kw.get("fullgraph", False), dynamic=False)
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    teacher = build_model("lenet5_bn", num_classes=10, in_channels=1, image_size=32).eval()
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 1}):
+        for seed in range(3):
+            syn = DeepInversion(teacher, 10, (1, 32, 32), batch_size=2, iterations=2, compile="default", seed=seed)
+            assert len(syn.synthesize().losses) == 2

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import types
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -197,7 +198,7 @@ class Synthesizer:
         """
         if self.compile_mode == "off":
             return fn
-        compiled = torch.compile(fn, mode=self.compile_mode, fullgraph=fullgraph, dynamic=False)
+        compiled = torch.compile(_private_code(fn), mode=self.compile_mode, fullgraph=fullgraph, dynamic=False)
         cudagraphs = self.compile_mode == "reduce-overhead"
 
         def step(*args: Any, **kwargs: Any) -> Any:
@@ -335,6 +336,23 @@ class Synthesizer:
 
 
 _P = Any
+
+
+def _private_code(fn: Any) -> Any:
+    """``fn`` with a code object of its own. Dynamo caches compiled graphs per code object (with a limit of
+    recompiles each): every synthesizer compiles the same method (e.g. ``_step``), guarded on its own modules,
+    so without a private copy the 9th synthesizer of a process would hit the recompile limit (and, with
+    ``fullgraph=True``, fail). Bound methods stay bound to their instance."""
+    func = getattr(fn, "__func__", fn)
+    if not isinstance(func, types.FunctionType):
+        return fn
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    copy.__qualname__ = func.__qualname__
+    self_ = getattr(fn, "__self__", None)
+    return copy if self_ is None else types.MethodType(copy, self_)
+
 #: probes of garbage-collected synthesizers; their hooks are removed at the next safe point
 _DEAD_PROBES: list[Any] = []
 
