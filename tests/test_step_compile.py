@@ -26,12 +26,7 @@ HP = {"cmi": {"bank_size": 64, "n_neg": 16, "head_dim": 8}, "fast_meta": {"warmu
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: threads only add contention
 
 
 def _synth(method: str, **kw):

@@ -22,12 +22,7 @@ N = 4
 RTOL, ATOL = 1e-4, 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: threads only add contention
 
 
 def _lenet_bn(seed: int = 0) -> torch.nn.Module:

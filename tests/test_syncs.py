@@ -25,12 +25,7 @@ BATCH = 8
 TINY_G = {"nz": 16, "ngf": 8}  # small generators: the sync count does not depend on the width
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: threads only add contention
 
 
 @dataclass

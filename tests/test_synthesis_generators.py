@@ -23,13 +23,7 @@ TINY = {"nz": 16, "ngf": 8}
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: threads only add contention
 
 
 def _teacher(bn: bool, seed: int = 0) -> nn.Module:

@@ -40,13 +40,7 @@ def _teacher(bn: bool, seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions: one intra-op thread avoids oversubscription on the shared 2-core CI runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes: threads only add contention
 
 
 @pytest.fixture

@@ -1,23 +1,6 @@
-"""Writing a transfer set (SPEC §7, §8): sharded, checksummed, atomically written, resumable.
-
-Layout of ``out_dir``::
-
-    meta.json                             method, hyper-parameters, teacher fingerprint, versions (at open)
-    shard-{rank:03d}-{index:06d}.safetensors   images (uint8 or fp16), soft_labels, targets, seeds
-    journal-{rank:03d}.jsonl              one line per committed shard: file, count, sha256
-    state-{rank:03d}.pt                   optional synthesizer state (torch.save, weights_only-loadable)
-    done-{rank:03d}.json                  the rank's shard list, written by ``close()``
-    manifest.json                         everything :class:`TransferSet` needs; written last
-
-Commit protocol: a shard is written to ``<name>.tmp``, fsynced and ``os.replace``d to its final name, then a
-journal line is appended and fsynced -- the journal line is the commit point. ``resume=True`` deletes temp
-files and shard files without a journal line, checks the sha256 of every committed shard (a mismatch is an
-error, never silently dropped) and continues numbering after the last one, so no finished shard is duplicated
-or lost. Synthesizer state: ``writer.state = synth.state_dict()`` first flushes the buffer (possibly a short
-shard), commits it, then saves the state atomically, recording how many shards it covers. If a crash leaves
-committed shards newer than the saved state, resuming rolls the journal back to the state (those images will be
-regenerated from it exactly once); without any saved state every committed shard is kept and the caller
-continues from ``writer.num_images`` -- unless the writer is ``stateful=True``, where no state means a restart.
+"""Writing a transfer set: :class:`TransferSetWriter` (sharded, checksummed, atomic, resumable) and
+:func:`write_tensors`. The directory layout and the commit / resume protocol are described in
+:mod:`dfkd_fast.transfer_set`.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dfkd_fast.classifiers import accuracy
+from dfkd_fast.ops import kd_kl_div
 
 __all__ = ["DistillResult", "CKPT_NAME", "as_image_tensor", "evaluate_accuracy", "make_optimizer"]
 
@@ -154,6 +155,23 @@ def _augmenter(augment: bool | str, image_size: Sequence[int], backend: str, gen
     h, w = int(image_size[-2]), int(image_size[-1])
     return CropFlip((h, w), mode="pad_crop", padding=max(1, h // 8), p_flip=0.5 if augment == "crop_flip" else 0.0,
                     backend=backend, generator=generator)
+
+
+def kd_step(student: nn.Module, teacher: nn.Module, xb: torch.Tensor, aug, norm, opt: torch.optim.Optimizer,
+            sched: Any, temperature: float, backend: str) -> torch.Tensor:
+    """One student KD step on a batch of [0, 1] images: augment -> normalize -> KL(teacher || student) * T^2
+    (``batchmean``) -> SGD step -> scheduler step. Returns the detached loss. Shape: xb (N, C, H, W)."""
+    if aug is not None:
+        xb = aug(xb)
+    xb = norm(xb)
+    with torch.no_grad():
+        t_logits = teacher(xb)
+    loss = kd_kl_div(student(xb), t_logits, temperature=temperature, backend=backend)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.detach()
 
 
 def _save_checkpoint(path: str, state: dict[str, Any]) -> None:

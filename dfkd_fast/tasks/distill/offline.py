@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from dfkd_fast.classifiers import normalizer as _normalizer
-from dfkd_fast.ops import kd_kl_div
 from dfkd_fast.tasks.distill.common import (
     CKPT_NAME,
     DistillResult,
@@ -32,6 +31,7 @@ from dfkd_fast.tasks.distill.common import (
     _set_rng_state,
     as_image_tensor,
     evaluate_accuracy,
+    kd_step,
     make_optimizer,
 )
 
@@ -123,17 +123,8 @@ def distill(student: nn.Module, teacher: nn.Module, transfer_set_or_tensors: Any
         total, seen = 0.0, 0
         for i in range(0, n, batch_size):
             xb = x[perm[i:i + batch_size]]
-            if aug is not None:
-                xb = aug(xb)
-            xb = norm(xb)
-            with torch.no_grad():
-                t_logits = teacher(xb)
-            loss = kd_kl_div(student(xb), t_logits, temperature=T, backend=backend)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * xb.shape[0]
+            loss = kd_step(student, teacher, xb, aug, norm, opt, sched, T, backend)
+            total += float(loss) * xb.shape[0]
             seen += xb.shape[0]
             bar.update(1)
         res.train_loss.append(total / seen)

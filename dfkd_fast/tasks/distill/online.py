@@ -18,7 +18,6 @@ from torch import nn
 from dfkd_fast import comm
 from dfkd_fast.buffers import RingBuffer
 from dfkd_fast.classifiers import normalizer as _normalizer
-from dfkd_fast.ops import kd_kl_div
 from dfkd_fast.tasks.distill.common import (
     DistillResult,
     _augmenter,
@@ -27,6 +26,7 @@ from dfkd_fast.tasks.distill.common import (
     _save_checkpoint,
     _save_curves,
     evaluate_accuracy,
+    kd_step,
     make_optimizer,
 )
 from dfkd_fast.transfer_set import write_tensors
@@ -155,18 +155,8 @@ def distill_online(student: nn.Module, teacher: nn.Module, synthesizer: Any, rou
         if r >= warmup_rounds and kd_steps_per_round:
             student.train()
             for _ in range(kd_steps_per_round):
-                xb = pool.sample(batch_size, gen)
-                if aug is not None:
-                    xb = aug(xb)
-                xb = norm(xb)
-                with torch.no_grad():
-                    t_logits = teacher(xb)
-                loss = kd_kl_div(kd_model(xb), t_logits, temperature=T, backend=backend)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach())
+                loss = kd_step(kd_model, teacher, pool.sample(batch_size, gen), aug, norm, opt, sched, T, backend)
+                total += float(loss)
             res.train_loss.append(total / kd_steps_per_round)
         if test_data is not None and ((r + 1) % eval_every == 0 or r == rounds - 1):
             res.test_acc.append(evaluate_accuracy(student, test_data[0], test_data[1], mean, std))
