@@ -35,7 +35,6 @@ def test_distill_on_selection_runs():
 
 
 def test_translate_reduces_impression_distance(tmp_path):
-    pytest.importorskip("dfkd_fast.hooks", reason="dfkd_fast.hooks.FeatureProbe not available yet")
     model = tiny_model()
     xs, _ = data("mnist", "test", 16)
     xt, _ = data("digits", "test", 64)
@@ -46,8 +45,6 @@ def test_translate_reduces_impression_distance(tmp_path):
 
 
 def test_one_shot_varied_images(tmp_path):
-    pytest.importorskip("dfkd_fast.hooks", reason="dfkd_fast.hooks.FeatureProbe not available yet")
-    pytest.importorskip("dfkd_fast.augment", reason="dfkd_fast.augment not available yet")
     model = tiny_model()
     x, _ = data("digits", "test", 1)
     r = one_shot(x[0], model, n=4, steps=30, lr=0.05, padding=2, out_dir=tmp_path)
