@@ -232,3 +232,27 @@ def test_teacher_fingerprint_changes_with_weights():
     with torch.no_grad():
         m.fc.bias[0] += 1
     assert teacher_fingerprint(m) != f
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: (m["shards"].append(dict(m["shards"][0], start=m["total"])), m.update(total=m["total"] + 4)),
+     "lists shard 'shard-000-000000.safetensors' twice"),  # a shard listed twice: 44 images from a 40-image set
+    (lambda m: m["shards"][1].update(file="../outside.safetensors"), "not a file of this set"),
+    (lambda m: m["shards"][1].update(file="/etc/passwd"), "not a file of this set"),
+    (lambda m: m["shards"][2].update(start=0), "expected start 8"),
+    (lambda m: m.update(total=m["total"] - 1), "total=39 but its shards hold 40"),
+])
+def test_edited_manifest_is_refused(tmp_path, edit, match):
+    w = TransferSetWriter(tmp_path, META, shard_size=4)
+    for b in range(8):
+        w.add(*batch(b), seed=b)
+    w.close()
+    mpath = tmp_path / "manifest.json"
+    assert len(TransferSet(tmp_path)) == 40
+    man = json.loads(mpath.read_text())
+    edit(man)
+    mpath.write_text(json.dumps(man))
+    with pytest.raises(ValueError, match=match):
+        TransferSet(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        TransferSet(tmp_path, verify=True)

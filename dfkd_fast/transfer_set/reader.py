@@ -38,6 +38,7 @@ class TransferSet(Dataset):
         self.meta: dict[str, Any] = self.manifest.get("meta", {})
         self.soft_kind: str = self.manifest.get("soft_kind", "logits")
         self._shards: list[dict[str, Any]] = self.manifest["shards"]
+        _check_shard_list(self._shards, int(self.manifest["total"]), mpath)
         self._starts = [s["start"] for s in self._shards]
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
         if verify:
@@ -106,3 +107,29 @@ class TransferSet(Dataset):
     def seeds(self) -> torch.Tensor:
         """Per-image seed of the batch that produced it, (N,) int64."""
         return self._all("seeds")
+
+
+def _check_shard_list(shards: list[dict[str, Any]], total: int, mpath: str) -> None:
+    """The manifest's shard list must describe one set: each shard a distinct file *inside* the set's directory
+    (a bare file name, no ``..`` or path separators), the shards contiguous from image 0 and adding up to
+    ``total``. Raises ``ValueError`` naming the manifest and the first bad entry (a shard listed twice would
+    otherwise be read twice, and a path such as ``../x`` would read files outside the set)."""
+    seen: set[str] = set()
+    start = 0
+    for i, sh in enumerate(shards):
+        name = str(sh.get("file", ""))
+        if not name or name != os.path.basename(name) or name in (".", "..") or "\\" in name or name.startswith("."):
+            raise ValueError(f"TransferSet: {mpath} lists shard {i} as {name!r}, which is not a file of this set; "
+                             "the manifest is damaged or was edited -- rewrite it (TransferSetWriter(..., resume=True)"
+                             " then close()) or restore it")
+        if name in seen:
+            raise ValueError(f"TransferSet: {mpath} lists shard {name!r} twice; the manifest is damaged or was "
+                             "edited -- rewrite it (TransferSetWriter(..., resume=True) then close()) or restore it")
+        seen.add(name)
+        if int(sh.get("start", -1)) != start or int(sh.get("count", -1)) < 0:
+            raise ValueError(f"TransferSet: {mpath}: shard {name!r} starts at image {sh.get('start')} with count "
+                             f"{sh.get('count')}, expected start {start}; the manifest is damaged or was edited")
+        start += int(sh["count"])
+    if start != total:
+        raise ValueError(f"TransferSet: {mpath} says total={total} but its shards hold {start} images; the manifest "
+                         "is damaged or was edited")
