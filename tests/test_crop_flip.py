@@ -187,13 +187,16 @@ def test_boxes_and_flip_get_no_gradient():
     (dict(std=(0.5, float("nan"), 0.5)), "std"),
     (dict(x=torch.full((2, 3, 4, 4), float("nan"))), "NaN"),
     (dict(boxes=torch.tensor([[0.0, 0.0, 4.0, float("inf")]] * 2)), "boxes"),
+    (dict(boxes=torch.tensor([[3.0, 0.0, 1.0, 4.0]] * 2)), "inverted or zero-size box"),  # x1 < x0
+    (dict(boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 2.0, 3.0, 2.0]])), "inverted or zero-size box"),  # h=0
     (dict(out_size=0), "out_size"),
     (dict(out_size=(4, -1)), "out_size"),
     (dict(out_size=(4, 4, 4)), "out_size"),
     (dict(backend="cuda"), "backend"),
 ])
 def test_bad_input_raises_value_error(kwargs, match):
-    args = dict(x=torch.rand(2, 3, 4, 4), boxes=torch.zeros(2, 4), flip=torch.zeros(2, dtype=torch.bool),
+    args = dict(x=torch.rand(2, 3, 4, 4), boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 2),
+                flip=torch.zeros(2, dtype=torch.bool),
                 out_size=4, mean=None, std=None, backend="torch")
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):

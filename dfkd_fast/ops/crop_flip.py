@@ -166,6 +166,10 @@ def crop_flip(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out_size
     if not boxes.is_floating_point():
         boxes = boxes.double()
     _checks.check_finite(boxes, "boxes", _OP)
+    if _checks.checks_enabled() and boxes.numel():
+        _checks.expect(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all(),
+                       f"{_OP}: every box must have x1 > x0 and y1 > y0 (boxes are (x0, y0, x1, y1) in input pixels); "
+                       "got an inverted or zero-size box -- mirror with 'flip', not with x1 < x0")
     flip = flip.detach().bool()
     mean_t = _channel_param(mean, "mean", C, x.device)
     std_t = _channel_param(std, "std", C, x.device)
