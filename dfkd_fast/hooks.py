@@ -27,6 +27,7 @@ from dfkd_fast.ops.bn_stats import (
     _channel_stats_unchecked,
     bn_stat_loss_packed,
     channel_stats,
+    pack_momentum,
     pack_stat_constants,
 )
 
@@ -421,20 +422,10 @@ class TeacherProbe(_Probe):
             stats = [None] * n
         if len(stats) != n:
             raise ValueError(f"TeacherProbe.set_momentum_stats: got {len(stats)} entries for {n} probed BN layers")
-        dev = self.layers[0].running_mean.device
-        mbs, vbs = [], []
-        for i, (st, c) in enumerate(zip(stats, self.channels, strict=True)):
-            if st is None:
-                mbs.append(torch.zeros(c, device=dev))
-                vbs.append(torch.zeros(c, device=dev))
-                continue
-            m, v = st
-            if m.numel() != c or v.numel() != c:
-                raise ValueError(f"TeacherProbe.set_momentum_stats: layer {i} has {c} channels, got "
-                                 f"{tuple(m.shape)} and {tuple(v.shape)}")
-            mbs.append(m.detach().reshape(-1).float().to(dev))
-            vbs.append(v.detach().reshape(-1).float().to(dev))
-        self._mean_bar, self._var_bar = torch.cat(mbs), torch.cat(vbs)
+        try:  # one packing routine for the probe and the op (validation, fp32, concatenation on the device)
+            self._mean_bar, self._var_bar, _ = pack_momentum(self.constants, stats, 0.0)
+        except ValueError as e:
+            raise ValueError(f"TeacherProbe.set_momentum_stats: {e}") from e
         self._has_mmt = [st is not None for st in stats]
         self._beta_cache.clear()
 
