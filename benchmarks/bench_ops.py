@@ -307,19 +307,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     min_run_time = args.min_run_time or (0.05 if args.quick else 1.0)
     rows = []
-    for dt in args.dtypes:
-        for case in build_cases(args.ops, args.quick, getattr(torch, dt), device):
-            for mode in args.modes:
-                rows.append(run_case(case, args.providers, mode, device, min_run_time))
-                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    interrupted = False
+    try:
+        for dt in args.dtypes:
+            for case in build_cases(args.ops, args.quick, getattr(torch, dt), device):
+                for mode in args.modes:
+                    rows.append(run_case(case, args.providers, mode, device, min_run_time))
+                    print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    except KeyboardInterrupt:  # a suite's timeout (SIGINT): keep and save the finished rows, say so
+        interrupted = True
+        print(f"\ninterrupted: saving the {len(rows)} finished rows", flush=True)
     table = markdown(rows)
     print("\n" + table)
     if not args.no_save:
         meta = bc.metadata(device, [os.path.relpath(sys.argv[0]) if argv is None else "benchmarks/bench_ops.py",
                                     *(sys.argv[1:] if argv is None else argv)])
+        meta["interrupted"] = interrupted
         stem = f"ops_{device.type}" + ("_quick" if args.quick else "")
         md, js = bc.save(rows, meta, args.out, stem, table)
         print(f"\nsaved {md} and {js}")
+    if interrupted:
+        sys.exit(130)
     return rows
 
 

@@ -766,22 +766,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     window = args.window if args.window is not None else (0.25 if args.quick else 2.0)
     t_start = time.perf_counter()
     rows = []
-    for teacher in teachers:
-        for batch in batches:
-            for method in args.methods:
-                if device.type == "cpu" and args.teachers is None and (method, teacher) in CPU_DEFAULT_SKIP:
-                    print(f"skipping {method} / {teacher} on the CPU by default (name --teachers {teacher} to run it)")
-                    continue
-                steps = tuple(args.steps) if args.steps else default_steps(teacher, batch, device, args.quick)
-                repeats = args.repeats or default_repeats(teacher, batch, device, args.quick)
-                t0, c0 = time.perf_counter(), time.process_time()
-                row = run_case(method, teacher, batch, args.providers, steps, repeats, device,
-                               count=not args.no_count and batch == min(batches), bank_size=args.bank_size,
-                               log=lambda s: print(s, flush=True), window=0.0 if args.steps else window)
-                row["case_s"] = time.perf_counter() - t0
-                row["case_cpu_s"] = time.process_time() - c0  # CPU seconds of all threads (to size the run)
-                rows.append(row)
-                print(markdown([row], args.providers).splitlines()[4], f"({row['case_s']:.0f} s)", flush=True)
+    interrupted = False
+    try:
+        for teacher in teachers:
+            for batch in batches:
+                for method in args.methods:
+                    if device.type == "cpu" and args.teachers is None and (method, teacher) in CPU_DEFAULT_SKIP:
+                        print(f"skipping {method} / {teacher} on the CPU by default "
+                              f"(name --teachers {teacher} to run it)")
+                        continue
+                    steps = tuple(args.steps) if args.steps else default_steps(teacher, batch, device, args.quick)
+                    repeats = args.repeats or default_repeats(teacher, batch, device, args.quick)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    row = run_case(method, teacher, batch, args.providers, steps, repeats, device,
+                                   count=not args.no_count and batch == min(batches), bank_size=args.bank_size,
+                                   log=lambda s: print(s, flush=True), window=0.0 if args.steps else window)
+                    row["case_s"] = time.perf_counter() - t0
+                    row["case_cpu_s"] = time.process_time() - c0  # CPU seconds of all threads (to size the run)
+                    rows.append(row)
+                    print(markdown([row], args.providers).splitlines()[4], f"({row['case_s']:.0f} s)", flush=True)
+    except KeyboardInterrupt:  # a suite's timeout (SIGINT): keep and save the finished cases, say so
+        interrupted = True
+        print(f"\ninterrupted: saving the {len(rows)} finished cases", flush=True)
     table = markdown(rows, args.providers)
     cpu_total = sum(r["case_cpu_s"] for r in rows)
     print("\n" + table + f"\n\ntotal {time.perf_counter() - t_start:.0f} s wall, {cpu_total:.0f} CPU s")
@@ -792,9 +798,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           "after one warm-up batch; providers interleaved per repeat; median over repeats")
         meta["total_s"] = round(time.perf_counter() - t_start, 1)
         meta["total_cpu_s"] = round(cpu_total, 1)
+        meta["interrupted"] = interrupted
         stem = f"synthesis_{device.type}" + ("_quick" if args.quick else "")
         md, js = bc.save(rows, meta, args.out, stem, table)
         print(f"\nsaved {md} and {js}")
+    if interrupted:
+        sys.exit(130)
     return rows
 
 

@@ -44,6 +44,17 @@ then
   exit 2
 fi
 
+# The benchmarks run as scripts (sys.path[0] = benchmarks/): give them the same dfkd_fast that pytest imports from
+# the repository root, and stop at once, with the fix, when it is not importable (measured on a lent H200:
+# without this both benchmarks failed with "No module named 'dfkd_fast'" after the tests had passed).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import dfkd_fast.kernels, dfkd_fast.ops" 2>/dev/null; then
+  echo "gpu_suite.sh: dfkd_fast is not importable from $PWD: install it first" \
+       "(pip install --no-build-isolation --no-deps -e .; DFKD_FAST_SKIP_EXT=1 skips the C++ extension)," \
+       "or, without pip, link the kernels package in place: ln -sfn ../kernels dfkd_fast/kernels" >&2
+  exit 2
+fi
+
 mkdir -p "$RESULTS"
 START=$(date +%s)
 BUDGET="${GPU_SUITE_BUDGET_S:-470}"

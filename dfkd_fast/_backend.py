@@ -1,7 +1,8 @@
 """Backend resolution for every op: ``"auto" | "triton" | "cpp" | "torch"``.
 
-``auto``: Triton on CUDA tensors, the compiled extension (``dfkd_fast._C``) on CPU tensors when it is
-built and implements the op, else the torch reference. ``DFKD_FAST_BACKEND`` overrides ``auto`` (it is
+``auto``: Triton on CUDA tensors (except the ops in ``CUDA_AUTO_TORCH``, which measured slower than eager
+PyTorch on an H200), the compiled extension (``dfkd_fast._C``) on CPU tensors when it is built and implements
+the op, else the torch reference. ``DFKD_FAST_BACKEND`` overrides ``auto`` (it is
 then treated as if that backend had been named). A backend asked for by name that cannot run raises
 ``RuntimeError`` with the reason; ``auto`` falls back silently.
 """
@@ -17,6 +18,14 @@ import torch
 from dfkd_fast import kernels
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
+
+#: Ops whose Triton kernel measured slower than the eager torch path on a real GPU, so ``auto`` on CUDA runs the
+#: torch path; ``backend="triton"`` still runs the kernel. Evidence: benchmarks/results/ops_cuda.md (H200,
+#: torch 2.11 + Triton 3.6, 2026-11-29): info_nce at M=4352, D=256, fp32, forward + backward took 29.0 ms with
+#: Triton against 0.77 ms eager (the backward kernels recompute the logits once per 32-column D chunk).
+CUDA_AUTO_TORCH: dict[str, str] = {
+    "info_nce": "Triton 29.0 ms vs eager 0.77 ms (H200, M=4352 D=256 fp32, fwd+bwd; ops_cuda.md)",
+}
 
 _C: ModuleType | None = None
 _C_ERROR: str | None = None
@@ -80,7 +89,7 @@ def resolve(op: str, backend: str, device: torch.device, *, triton: bool = True,
             raise ValueError(f"DFKD_FAST_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
-        if device.type == "cuda" and triton and triton_available(device)[0]:
+        if device.type == "cuda" and triton and op not in CUDA_AUTO_TORCH and triton_available(device)[0]:
             return "triton"
         if device.type == "cpu" and cpp is not None and cpp_available(cpp)[0]:
             return "cpp"

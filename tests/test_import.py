@@ -47,3 +47,19 @@ def test_every_public_op_declares_its_backends():
 
             ext = extension()
             assert ext is None or hasattr(ext, cpp_fn), f"{name}: dfkd_fast._C lacks {cpp_fn}"
+
+
+def test_auto_on_cuda_follows_measured_gpu_results(monkeypatch):
+    """``auto`` on CUDA runs Triton except for the ops measured slower than eager on a real GPU (CUDA_AUTO_TORCH);
+    naming the backend still runs the kernel. No GPU needed: resolution looks at the device type only."""
+    import torch
+
+    from dfkd_fast import _backend, kernels
+
+    monkeypatch.setattr(kernels, "HAS_TRITON", True)
+    monkeypatch.delenv("DFKD_FAST_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    assert "info_nce" in _backend.CUDA_AUTO_TORCH
+    assert _backend.resolve("info_nce", "auto", cuda, triton=True) == "torch"
+    assert _backend.resolve("info_nce", "triton", cuda, triton=True) == "triton"
+    assert _backend.resolve("bn_stat_loss", "auto", cuda, triton=True) == "triton"
