@@ -40,8 +40,9 @@ def extension() -> ModuleType | None:
         try:
             _C = importlib.import_module("dfkd_fast._C")
         except ImportError as e:
-            _C_ERROR = (f"the compiled extension dfkd_fast._C is not built ({e}); reinstall with "
-                        "`pip install --no-build-isolation -e .` (without DFKD_FAST_SKIP_EXT=1)")
+            _C_ERROR = (f"the compiled extension dfkd_fast._C is not built ({e}); build it against this torch from "
+                        "the source checkout with `pip install --no-build-isolation --no-deps -e .` or "
+                        "`python setup.py build_ext --inplace` (DFKD_FAST_SKIP_EXT unset)")
             warnings.warn(f"dfkd_fast: {_C_ERROR}; the cpp backend is unavailable", stacklevel=2)
     return _C
 

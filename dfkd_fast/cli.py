@@ -8,9 +8,10 @@ Subcommands live in :data:`SUBCOMMANDS`; add one with the :func:`subcommand` dec
 Its flags are generated from the config dataclass (``--field-name``; see :mod:`dfkd_fast.config`), plus
 ``--config FILE`` (YAML/JSON; command-line flags override it). ``synthesize`` also gets one flag per
 hyper-parameter of every registered synthesis method (``--iterations``, ``--bn``, ``--lr-g`` ...); a flag
-the chosen method does not have is an error. Any ``ValueError`` / ``FileNotFoundError`` / ``RuntimeError``
-ends the program with one line ``dfkd-fast: error: <reason>`` on stderr and exit status 2
-(``DFKD_FAST_DEBUG=1`` shows the traceback instead).
+the chosen method does not have is an error. A user error (``ValueError``, ``OSError``, ``RuntimeError``,
+``SyntaxError``, safetensors errors ...) ends the program with one line ``dfkd-fast: error: <reason>`` on
+stderr and exit status 2; Ctrl-C with ``dfkd-fast: interrupted`` and status 130; any other exception (a bug)
+with one line and status 1 (``DFKD_FAST_DEBUG=1`` shows the traceback instead). See :func:`main`.
 """
 from __future__ import annotations
 
@@ -131,8 +132,11 @@ def _method_fields(reserved: set[str]) -> dict[str, list[tuple[str, Any, Any]]]:
     return out
 
 
-def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    reserved = {f.name for f in dataclasses.fields(SynthesizeConfig)} | {"config"}
+def _add_method_arguments(parser: argparse.ArgumentParser, command_config: type = SynthesizeConfig) -> None:
+    """One flag per method hyper-parameter, except names the subcommand's own ``command_config`` (and
+    :class:`SynthesizeConfig`) already uses; those stay settable with ``--opt key=value``."""
+    reserved = ({f.name for f in dataclasses.fields(SynthesizeConfig)}
+                | {f.name for f in dataclasses.fields(command_config)} | {"config"})
     group = parser.add_argument_group("method options (typed by the chosen --method; also --opt key=value)")
     for name, owners in sorted(_method_fields(reserved).items()):
         flags = ["--" + name.replace("_", "-")]
@@ -157,24 +161,84 @@ def _method_options(ns: argparse.Namespace, method: str) -> dict[str, Any]:
 
 
 def config_from_namespace(cls: type, ns: argparse.Namespace) -> Any:
-    """Dataclass defaults <- YAML file (``--config``) <- flags given on the command line."""
+    """Dataclass defaults <- YAML file (``--config``) <- flags given on the command line.
+
+    For a command with a synthesis method (``synthesize``, ``distill --online``: a config with ``method`` and
+    ``opt`` fields) the file's keys that are not fields of ``cls`` are the method's hyper-parameters (top
+    level, beside ``method:``): they join the per-method flags in ``ns`` (a flag given on the command line
+    wins) and are checked against the chosen method by :func:`_method_options`.
+    """
+    from dfkd_fast.config import split_method_options
+
     names = {f.name for f in dataclasses.fields(cls)}
     layers: list[dict[str, Any]] = []
+    method_opts: dict[str, Any] = {}
     if getattr(ns, "config", None):
-        layers.append(load_yaml(ns.config))
+        data = load_yaml(ns.config)
+        if {"method", "opt"} <= names:
+            data, method_opts = split_method_options(data, cls)
+            for k, v in method_opts.items():
+                vars(ns).setdefault(_METHOD_PREFIX + k, v)
+        layers.append(data)
     layers.append({k: v for k, v in vars(ns).items() if k in names})
-    return merge_config(cls, *layers)
+    cfg = merge_config(cls, *layers)
+    if method_opts and getattr(cfg, "method", None) is None:
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, method_opts))} in {ns.config}; known: "
+                         f"{', '.join(sorted(names))} (method hyper-parameters need method:)")
+    return cfg
+
+
+def format_config(cmd_name: str, cfg: Any, ns: argparse.Namespace) -> str:
+    """The fully merged configuration of a subcommand as YAML (``--print-config``), loadable by ``--config``.
+
+    With a synthesis method (``synthesize``, ``distill --online``) every hyper-parameter of the chosen method
+    follows at the top level (its defaults, the file's values, the flags and ``--opt`` merged and
+    type-checked), and ``opt`` is emptied into them.
+    """
+    data = dataclasses.asdict(cfg)
+    if getattr(cfg, "method", None) is not None and hasattr(cfg, "opt"):
+        from dfkd_fast.runner import _method_class
+        from dfkd_fast.synthesis.base import resolve_config
+
+        mcls = _method_class(cfg.method)
+        opts = _method_options(ns, cfg.method)
+        opts.update(parse_opts(mcls.Config, cfg.opt))
+        method_cfg = dataclasses.asdict(resolve_config(mcls.name, mcls.Config, None, opts))
+        # a hyper-parameter named like a field of the command itself (distill's lr, warmup ...) stays in opt
+        data["opt"] = [f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                       for k, v in method_cfg.items() if k in data and k in opts]
+        data.update({k: v for k, v in method_cfg.items() if k not in data})
+
+    def plain(v: Any) -> Any:
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    data = {k: plain(v) for k, v in data.items()}
+    header = f"# dfkd-fast {cmd_name}: merged configuration (defaults <- --config file <- command-line flags)\n"
+    try:
+        import yaml
+    except ImportError:  # JSON is valid YAML
+        import json
+
+        return header + json.dumps(data, indent=2)
+    lines = [f"{k}: {yaml.safe_dump(v, default_flow_style=True).strip()}" if isinstance(v, list)
+             else yaml.safe_dump({k: v}, default_flow_style=False).strip() for k, v in data.items()]
+    return header + "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with one subparser per entry of :data:`SUBCOMMANDS`."""
     parser = _Parser(prog=PROG, description="Fast data-free knowledge distillation.")
+    from dfkd_fast._version import VersionAction
+
+    parser.add_argument("--version", action=VersionAction)  # "dfkd-fast X (torch Y, extension built|not built)"
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, cmd in SUBCOMMANDS.items():
         sp = subs.add_parser(name, help=cmd.help, description=cmd.help)
         if cmd.config is not None:
             sp.add_argument("--config", dest="config", default=None, metavar="FILE",
                             help="YAML/JSON file with option: value pairs (flags override it)")
+            sp.add_argument("--print-config", dest="print_config", action="store_true",
+                            help="print the fully merged configuration as YAML and exit")
             add_dataclass_arguments(sp, cmd.config)
         if cmd.add_arguments is not None:
             cmd.add_arguments(sp)
@@ -221,54 +285,145 @@ def cmd_export_png(cfg: ExportPngConfig, ns: argparse.Namespace) -> int:
 
     if not os.path.isdir(cfg.transfer_set):
         raise FileNotFoundError(f"--transfer-set: directory {cfg.transfer_set!r} not found")
-    export_png(cfg.transfer_set, cfg.out)
-    print(f"exported {cfg.transfer_set} -> {cfg.out}")
+    n = export_png(cfg.transfer_set, cfg.out, overwrite=cfg.overwrite)
+    print(f"exported {n} images of {cfg.transfer_set} -> {cfg.out} (one folder per class, labels.csv, logits.npy)")
     return 0
 
 
 def _test_set(name: str | None, image_size: tuple[int, int, int]):
-    if name is None or name == "none":
-        return None
-    from dfkd_fast import datasets
+    """``--test-set``: mnist5k / digits / none, an ImageFolder directory or a .pt/.safetensors file
+    (:func:`dfkd_fast.datasets.load_test_set`)."""
+    from dfkd_fast.datasets import load_test_set
 
-    if name not in ("mnist5k", "digits"):
-        raise ValueError(f"--test-set must be mnist5k, digits or none, got {name!r}")
-    x, y = getattr(datasets, name)("test", image_size=image_size[1])
-    if x.shape[1] != image_size[0]:
-        x = x.expand(-1, image_size[0], -1, -1).contiguous()
-    return x, y
+    return load_test_set(name, image_size)
 
 
-@subcommand("distill", DistillConfig, help="train a student by KD from the teacher on a transfer set")
+def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """``distill --online``: every method hyper-parameter as a flag, minus the names ``distill`` has itself
+    (``--lr`` is the student's, ``--warmup`` the online warm-up: use ``--opt lr=...`` for a pixel method's lr)."""
+    _add_method_arguments(parser, DistillConfig)
+
+
+def _cmd_distill_online(cfg: DistillConfig, ns: argparse.Namespace) -> int:
+    """``distill --online --method M``: synthesize while distilling, each method on its paper's schedule
+    (:func:`dfkd_fast.tasks.distill.distill_online`)."""
+    if cfg.method is None:
+        raise ValueError("--online needs --method (a synthesis method: see `dfkd-fast info`)")
+    if cfg.transfer_set is not None:
+        raise ValueError("--online synthesizes its own transfer set (written to --out/transfer_set); drop "
+                         "--transfer-set")
+    if cfg.kd_steps < 1 or cfg.ep_steps < cfg.kd_steps:
+        raise ValueError(f"--online needs --kd-steps >= 1 and --ep-steps >= --kd-steps (an epoch is "
+                         f"ep_steps // kd_steps rounds), got --kd-steps {cfg.kd_steps} --ep-steps {cfg.ep_steps}")
+    if cfg.epochs < 1 or cfg.warmup > cfg.epochs:
+        raise ValueError(f"--online needs --epochs >= 1 and --warmup <= --epochs, got --epochs {cfg.epochs} "
+                         f"--warmup {cfg.warmup}")
+    if cfg.batch_size < 1 or (cfg.synthesis_batch_size is not None and cfg.synthesis_batch_size < 1):
+        raise ValueError("--batch-size and --synthesis-batch-size must be >= 1")
+    if cfg.pool_capacity is not None and cfg.pool_capacity < 1:
+        raise ValueError(f"--pool-capacity must be >= 1 (or left out: keep every image), got {cfg.pool_capacity}")
+    if cfg.student_weights is not None and not os.path.isfile(cfg.student_weights):
+        raise FileNotFoundError(f"--student-weights: file {cfg.student_weights!r} not found")
+    image_size = parse_image_size(cfg.image_size)
+
+    import torch
+
+    import dfkd_fast.synthesis as synthesis
+    from dfkd_fast.runner import _method_class, load_reference_images, load_student, load_teacher, resolve_device
+    from dfkd_fast.tasks.distill import distill_online
+
+    cls = _method_class(cfg.method)
+    opts = _method_options(ns, cfg.method)
+    opts.update(parse_opts(cls.Config, cfg.opt))
+    if "warmup" in opts:
+        raise ValueError(f"--opt warmup: the online warm-up is --warmup (epochs), which also sets {cls.name}'s")
+    extra: dict[str, Any] = {}
+    if cls.name == "impression_space":
+        if cfg.reference_images is None:
+            raise ValueError("--method impression_space synthesizes the impression of given images: pass "
+                             "--reference-images")
+        extra["reference_images"] = load_reference_images(cfg.reference_images, image_size)
+    elif cfg.reference_images is not None:
+        raise ValueError(f"--reference-images is an option of impression_space, not of {cfg.method!r}")
+    mean, std = parse_floats(cfg.mean, "mean"), parse_floats(cfg.std, "std")
+    test_data = _test_set(cfg.test_set, image_size)
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher, cfg.weights, cfg.num_classes, image_size, device,
+                           mean=parse_floats(cfg.mean, "mean"), std=parse_floats(cfg.std, "std"))
+    torch.manual_seed(cfg.seed)  # before the student is built: --seed fixes its initialization too
+    student = load_student(cfg.student, cfg.student_weights, cfg.num_classes, image_size, device)
+    if "reference_images" in extra:
+        extra["reference_images"] = extra["reference_images"].to(device)
+    rpe = cfg.ep_steps // cfg.kd_steps
+    synth = synthesis.build_synthesizer(cfg.method, teacher, cfg.num_classes, image_size,
+                                        batch_size=cfg.synthesis_batch_size or cfg.batch_size, mean=mean, std=std,
+                                        device=device, backend=cfg.backend, seed=cfg.seed, student=student,
+                                        **opts, **extra)
+    res = distill_online(student, teacher, synth, cfg.epochs * rpe, cfg.kd_steps, rounds_per_epoch=rpe,
+                         lr=cfg.lr, T=cfg.temperature, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                         schedule=cfg.schedule, warmup_rounds=cfg.warmup * rpe, pool_capacity=cfg.pool_capacity,
+                         augment=cfg.augment, mean=mean, std=std, test_data=test_data, out_dir=cfg.out,
+                         save_pool=True, resume=cfg.resume, backend=cfg.backend, seed=cfg.seed, progress=True)
+    acc = (f"{100 * res.final_acc:.2f}% (best {100 * res.best_acc:.2f}%)" if res.test_acc
+           else "n/a (no --test-set)")
+    import json
+
+    with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
+        synthesized = json.loads(f.read().splitlines()[-1])["images"]  # incl. DAFL/ZSKT/DFQ's fresh samples
+    ips = synthesized / res.synth_seconds if res.synth_seconds > 0 else float("nan")
+    print(f"online {synth.name}: {res.epochs} epochs, {synthesized} images synthesized ({ips:.1f} images/s, "
+          f"synthesis {res.synth_seconds:.1f} s), pool {res.images}, end to end {res.seconds:.1f} s | final KD loss "
+          f"{res.train_loss[-1] if res.train_loss else float('nan'):.4f} | test accuracy {acc}")
+    print(f"outputs: {cfg.out} (student.safetensors, checkpoint.pt, metrics.jsonl, curves.png, transfer_set/)")
+    return 0
+
+
+@subcommand("distill", DistillConfig, help="train a student by KD from the teacher on a transfer set, or with "
+            "--online --method M while synthesizing it", add_arguments=_add_distill_arguments)
 def cmd_distill(cfg: DistillConfig, ns: argparse.Namespace) -> int:
+    if cfg.online:
+        return _cmd_distill_online(cfg, ns)
+    if cfg.transfer_set is None:
+        raise ValueError("the argument --transfer-set is required (or pass --online --method M to synthesize "
+                         "while distilling)")
     image_size = parse_image_size(cfg.image_size)
     if not os.path.isdir(cfg.transfer_set):
         raise FileNotFoundError(f"--transfer-set: directory {cfg.transfer_set!r} not found")
     if cfg.student_weights is not None and not os.path.isfile(cfg.student_weights):
         raise FileNotFoundError(f"--student-weights: file {cfg.student_weights!r} not found")
 
+    import warnings
+
     import torch
 
-    from dfkd_fast.models import load_model
-    from dfkd_fast.runner import load_teacher, resolve_device
+    from dfkd_fast.runner import load_student, load_teacher, resolve_device
     from dfkd_fast.tasks.distill import distill
+    from dfkd_fast.tasks.distill.offline import check_transfer_set
     from dfkd_fast.transfer_set import TransferSet
 
-    device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, cfg.weights, cfg.num_classes, image_size, device)
-    student = load_model(cfg.student, weights=cfg.student_weights, num_classes=cfg.num_classes,
-                         in_channels=image_size[0], image_size=image_size[1]).to(device)
-    torch.manual_seed(cfg.seed)
     ts = TransferSet(cfg.transfer_set)
-    res = distill(student, teacher, ts, epochs=cfg.epochs, lr=cfg.lr, T=cfg.temperature, batch_size=cfg.batch_size,
-                  weight_decay=cfg.weight_decay, schedule=cfg.schedule, mean=parse_floats(cfg.mean, "mean"),
-                  std=parse_floats(cfg.std, "std"), augment=cfg.augment, test_data=_test_set(cfg.test_set, image_size),
-                  num_classes=cfg.num_classes, out_dir=cfg.out, resume=cfg.resume, device=device,
-                  backend=cfg.backend, seed=cfg.seed)
-    acc = f"{100 * res.final_acc:.2f}% (best {100 * res.best_acc:.2f}%)" if res.test_acc else "n/a (no --test-set)"
+    check_transfer_set(ts.manifest, num_classes=cfg.num_classes, image_size=image_size,
+                       where=f"--transfer-set {cfg.transfer_set}")
+    test_data = _test_set(cfg.test_set, image_size)
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher, cfg.weights, cfg.num_classes, image_size, device,
+                           mean=parse_floats(cfg.mean, "mean"), std=parse_floats(cfg.std, "std"))
+    torch.manual_seed(cfg.seed)  # before the student is built: --seed fixes its initialization too
+    student = load_student(cfg.student, cfg.student_weights, cfg.num_classes, image_size, device)
+    with warnings.catch_warnings():  # library warnings (--allow-teacher-mismatch) as one line each
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = lambda msg, *a, **k: print(f"{PROG}: warning: {msg}", file=sys.stderr)
+        res = distill(student, teacher, ts, epochs=cfg.epochs, lr=cfg.lr, T=cfg.temperature,
+                      batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+                      mean=parse_floats(cfg.mean, "mean"), std=parse_floats(cfg.std, "std"), augment=cfg.augment,
+                      test_data=test_data, num_classes=cfg.num_classes, out_dir=cfg.out, resume=cfg.resume,
+                      device=device, backend=cfg.backend, seed=cfg.seed,
+                      allow_teacher_mismatch=cfg.allow_teacher_mismatch)
+    acc = (f"{100 * res.final_acc:.2f}% (best {100 * res.best_acc:.2f}%, teacher {100 * res.teacher_acc:.2f}%)"
+           if res.test_acc else "n/a (no --test-set)")
     print(f"student trained on {res.images} images for {res.epochs} epochs in {res.seconds:.1f} s | "
           f"final KD loss {res.train_loss[-1] if res.train_loss else float('nan'):.4f} | test accuracy {acc}")
-    print(f"outputs: {cfg.out} (student.pt, checkpoint.pt, curves.png)")
+    print(f"outputs: {cfg.out} (student.safetensors, checkpoint.pt, metrics.jsonl, curves.png)")
     return 0
 
 
@@ -285,6 +440,7 @@ def cmd_demo(cfg: DemoConfig, ns: argparse.Namespace) -> int:
 from dfkd_fast.tasks.commands import (  # noqa: E402
     ClassIncrementalConfig,
     ImpressionConfig,
+    RobustDistillConfig,
     RobustnessConfig,
     UAPConfig,
     UDAConfig,
@@ -303,6 +459,7 @@ def _task_command(name: str, config: type, runner: str, help: str) -> None:
 
 
 _task_command("robustness", RobustnessConfig, "run_robustness", "FGSM / iFGSM / PGD robustness (+ PGD training)")
+_task_command("robust-distill", RobustDistillConfig, "run_robust_distill", "Data Impressions robustness (Table 4)")
 _task_command("uap", UAPConfig, "run_uap", "data-free universal adversarial perturbation from Data Impressions")
 _task_command("uda", UDAConfig, "run_uda", "source-free domain adaptation (ADDA + Data Impressions)")
 _task_command("class-incremental", ClassIncrementalConfig, "run_class_incremental",
@@ -317,12 +474,102 @@ def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, KeyError):
         msg = f"missing key {msg}"
+    elif isinstance(e, SyntaxError) and e.filename:
+        msg = f"{e.msg} ({e.filename}, line {e.lineno})"
     return " ".join(msg.split())
 
 
+def _is_user_error(e: BaseException) -> bool:
+    """Errors that describe bad input or a failing environment (reported as one line, exit 2)."""
+    if isinstance(e, (ValueError, OSError, RuntimeError, ImportError, KeyError, SyntaxError)):
+        return True
+    return type(e).__name__ == "SafetensorError"  # safetensors' error type is not an OSError
+
+
+class _Interrupts:
+    """SIGINT while ``main`` runs: remembered and raised as ``KeyboardInterrupt``; should a library swallow it
+    (``except BaseException``), it is raised again after every 20 ms of CPU time (``ITIMER_VIRTUAL`` /
+    SIGVTALRM, where available) until ``main`` handles it, so a Ctrl-C is never ignored."""
+
+    RETRY_S = 0.02
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.handled = False
+        self.previous: dict[int, Any] = {}
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        self._arm()
+        raise KeyboardInterrupt
+
+    def _on_alarm(self, signum: int, frame: Any) -> None:
+        if self.seen and not self.handled:
+            self._arm()
+            raise KeyboardInterrupt
+
+    def _arm(self) -> None:
+        import signal
+
+        if hasattr(signal, "setitimer") and signal.SIGVTALRM in self.previous:
+            signal.setitimer(signal.ITIMER_VIRTUAL, self.RETRY_S)
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+            if hasattr(signal, "setitimer") and signal.getsignal(signal.SIGVTALRM) in (signal.SIG_DFL, None):
+                self.previous[signal.SIGVTALRM] = signal.signal(signal.SIGVTALRM, self._on_alarm)
+        except (ValueError, OSError):  # e.g. an embedded interpreter without signal support
+            pass
+
+    def restore(self) -> None:
+        """Stop the retries and put the previous handlers back (idempotent)."""
+        import signal
+
+        self.handled = True
+        if signal.SIGVTALRM in self.previous:
+            signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        for sig, old in self.previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self.previous.clear()
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars still on screen, so that an error starts on a line of its own."""
+    tqdm_mod = sys.modules.get("tqdm")
+    if tqdm_mod is None:
+        return
+    for bar in list(getattr(tqdm_mod.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - never let cosmetics hide the real error
+            pass
+    sys.stdout.flush()
+
+
+def _report(line: str) -> None:
+    _end_progress_bars()
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``dfkd-fast``; returns the exit status (errors: one line on stderr, status 2)."""
+    """Run ``dfkd-fast``; returns the exit status.
+
+    User errors (``ValueError``, ``OSError``, ``RuntimeError``, ``ImportError``, ``KeyError``, ``SyntaxError``,
+    safetensors errors): one line ``dfkd-fast: error: ...`` on stderr, status 2. Ctrl-C: one line
+    ``dfkd-fast: interrupted``, status 130 (also when a library swallowed the ``KeyboardInterrupt``). Any other
+    exception is an internal bug: one line with a hint, status 1. ``DFKD_FAST_DEBUG=1`` re-raises instead
+    (full traceback). Open progress bars are closed first, so the line starts on a line of its own.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("DFKD_FAST_DEBUG", "0") == "1"
+    interrupts = _Interrupts()
+    interrupts.install()
     try:
         parser = build_parser()
         if not argv:
@@ -333,15 +580,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CLIError("choose a command: " + ", ".join(SUBCOMMANDS))
         cmd = SUBCOMMANDS[ns.command]
         cfg = config_from_namespace(cmd.config, ns) if cmd.config is not None else None
-        return int(cmd.func(cfg, ns) or 0)
+        if getattr(ns, "print_config", False):  # --print-config: the merged configuration, nothing run
+            print(format_config(cmd.name, cfg, ns))
+            return 0
+        rc = int(cmd.func(cfg, ns) or 0)
+        if interrupts.seen:  # a library caught the KeyboardInterrupt: the run must not pass as complete
+            raise KeyboardInterrupt
+        return rc
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError, ImportError, KeyError) as e:
-        if os.environ.get("DFKD_FAST_DEBUG", "0") == "1":
+        interrupts.restore()
+        if debug:
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        _report("interrupted")
+        return 130
+    except Exception as e:
+        interrupts.restore()
+        if debug:
+            raise
+        if interrupts.seen:  # e.g. an ImportError "initialization failed" caused by the Ctrl-C
+            _report("interrupted")
+            return 130
+        if _is_user_error(e):
+            _report(f"error: {_one_line(e)}")
+            return 2
+        _report(f"error: internal error ({type(e).__name__}: {_one_line(e)}); please report it, and rerun with "
+                "DFKD_FAST_DEBUG=1 for the traceback")
+        return 1
+    finally:
+        interrupts.restore()
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ spelled out: ``--num-images``, ``--num-classes`` ...
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["SynthesizeConfig", "DistillConfig", "DemoConfig", "ExportPngConfig", "parse_image_size",
-           "parse_floats", "parse_opts", "load_yaml", "merge_config", "TORCHRUN_OPTIONS"]
+           "parse_floats", "parse_opts", "load_yaml", "split_method_options", "merge_config", "TORCHRUN_OPTIONS"]
 
 #: ``torchrun`` options (both spellings); the CLI test checks no flag of ours is a prefix of one of them.
 TORCHRUN_OPTIONS = (
@@ -80,7 +81,8 @@ class SynthesizeConfig:
 class DistillConfig:
     """``dfkd-fast distill``: train a student on a transfer set by KD from the teacher."""
 
-    transfer_set: str = _f(None, "transfer set directory written by `dfkd-fast synthesize`", True)
+    transfer_set: str | None = _f(None, "transfer set directory written by `dfkd-fast synthesize` (required "
+                                        "unless --online)")
     teacher: str = _f(None, "teacher: zoo name or 'package.module:factory'", True)
     weights: str | None = _f(None, "teacher weights file")
     student: str = _f(None, "student: zoo name or 'package.module:factory'", True)
@@ -96,12 +98,30 @@ class DistillConfig:
     batch_size: int = _f(128, "KD batch size")
     schedule: str = _f("cosine", "learning-rate schedule: cosine, step or constant")
     augment: str = _f("none", "augmentation of the transfer images: none, crop (pad-crop) or crop_flip (+ flip)")
-    test_set: str | None = _f(None, "real test set for evaluation: mnist5k, digits or none")
-    out: str = _f("runs/distill", "output directory (checkpoints, curves, student weights)")
-    resume: bool = _f(False, "continue from the last checkpoint in --out")
-    seed: int = _f(0, "seed")
+    test_set: str | None = _f(None, "real test set for evaluation: mnist5k, digits, none, an ImageFolder directory "
+                                    "(<dir>/<class>/*.png) or a .pt/.safetensors file with images (N,C,H,W) and "
+                                    "labels (N,)")
+    out: str = _f("runs/distill", "output directory (checkpoint.pt, metrics.jsonl, curves.png, student.safetensors)")
+    resume: bool = _f(False, "continue from the last checkpoint in --out (same schedule flags)")
+    seed: int = _f(0, "seed of the student's initialization, the batch order and the augmentation")
     device: str = _f("auto", "device")
     backend: str = _f("auto", "fused-op backend")
+    allow_teacher_mismatch: bool = _f(False, "distill even if the teacher's fingerprint differs from the one in the "
+                                             "transfer set's manifest (recorded in metrics.jsonl and the checkpoint)")
+    # ---- online distillation (`dfkd-fast distill --online --method M`; dfkd_fast.tasks.distill.distill_online)
+    online: bool = _f(False, "synthesize the transfer set while the student trains, each method on its paper's "
+                             "schedule (needs --method; no --transfer-set)")
+    method: str | None = _f(None, "--online: synthesis method (any registered generator or pixel method)")
+    ep_steps: int = _f(400, "--online: student steps per epoch; an epoch is ep_steps // kd_steps rounds")
+    kd_steps: int = _f(400, "--online: student steps per round (one synthesized batch per round; DAFL/ZSKT/DFQ: a "
+                            "generator step every n_s of them)")
+    warmup: int = _f(0, "--online: first epochs that only synthesize (no adversarial term, no KD)")
+    synthesis_batch_size: int | None = _f(None, "--online: images per synthesized batch (default: --batch-size)")
+    pool_capacity: int | None = _f(None, "--online: keep at most this many synthesized images in the on-device "
+                                         "pool (default: all)")
+    reference_images: str | None = _f(None, "--online --method impression_space: images whose impression code is "
+                                            "synthesized (PNG/JPEG folder or transfer-set directory)")
+    opt: list[str] = _f(help="--online: method option key=value (repeatable)", default_factory=list)
 
 
 @dataclass
@@ -133,12 +153,19 @@ class ExportPngConfig:
 
     transfer_set: str = _f(None, "transfer set directory", True)
     out: str = _f(None, "output image folder", True)
+    overwrite: bool = _f(False, "replace an earlier export in --out (a non-empty --out is refused otherwise)")
 
 
 def parse_image_size(text: str | Sequence[int]) -> tuple[int, int, int]:
     """'C,H,W' -> (C, H, W) with every entry >= 1."""
     if not isinstance(text, str):
-        vals = tuple(int(v) for v in text)
+        try:
+            if any(isinstance(v, bool) or float(v) != int(v) for v in text):
+                raise TypeError
+            vals = tuple(int(v) for v in text)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"--image-size must be three positive integers 'C,H,W', e.g. 3,32,32; got {text!r}"
+                             ) from None
     else:
         try:
             vals = tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -149,24 +176,59 @@ def parse_image_size(text: str | Sequence[int]) -> tuple[int, int, int]:
     return vals  # type: ignore[return-value]
 
 
-def parse_floats(text: str | Sequence[float] | None, name: str) -> list[float] | None:
-    """'0.5,0.5,0.5' -> [0.5, 0.5, 0.5]; ``None`` stays ``None``."""
+def parse_floats(text: str | Sequence[float] | float | None, name: str) -> list[float] | None:
+    """'0.5,0.5,0.5' -> [0.5, 0.5, 0.5]; ``None`` stays ``None``.
+
+    Every value must be finite; for ``name == "std"`` (a normalization divisor) every value must be > 0.
+
+    Raises:
+        ValueError: not numbers, empty, NaN/Inf, or a std <= 0 (the message names ``--{name}``).
+    """
     if text is None:
         return None
-    if not isinstance(text, str):
-        return [float(v) for v in text]
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+        if isinstance(text, str):
+            vals = [float(v) for v in text.split(",") if v.strip()]
+        elif isinstance(text, (int, float)) and not isinstance(text, bool):
+            vals = [float(text)]
+        else:
+            if any(isinstance(v, bool) for v in text):
+                raise TypeError
+            vals = [float(v) for v in text]
+    except (TypeError, ValueError):
         raise ValueError(f"--{name} must be comma-separated numbers, e.g. 0.5,0.5,0.5; got {text!r}") from None
+    if not vals:
+        raise ValueError(f"--{name} must be comma-separated numbers, e.g. 0.5,0.5,0.5; got {text!r}")
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"--{name} must be finite numbers (no nan/inf), got {text!r}")
+    if name == "std" and min(vals) <= 0:
+        raise ValueError(f"--std must be > 0 (inputs are divided by it), got {text!r}")
+    return vals
 
 
 def _convert(value: Any, typ: Any, key: str) -> Any:
-    """Convert a string option to the type of a Config field (bool, int, float, str, tuples)."""
-    if not isinstance(value, str):
-        return value
+    """Convert a string option to the type of a Config field (bool, int, float, str, tuples).
+
+    Non-string values (YAML) are checked instead: a bool for bool, an int (not a bool) for int, a finite
+    number for float. Float values must be finite in either form.
+    """
     t = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     t = t.replace(" ", "")
+    if not isinstance(value, str):
+        if value is None:
+            return value
+        ok = True
+        if t.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif t.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif t.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            value = float(value) if ok else value
+        if not ok:
+            raise ValueError(f"option {key}={value!r}: expected a {'finite ' if t.startswith('float') else ''}"
+                             f"value of type {t}")
+        return value
     try:
         if t.startswith("bool"):
             low = value.lower()
@@ -176,7 +238,10 @@ def _convert(value: Any, typ: Any, key: str) -> Any:
         if t.startswith("int"):
             return int(value)
         if t.startswith("float"):
-            return float(value)
+            f = float(value)
+            if not math.isfinite(f):
+                raise ValueError
+            return f
         if t.startswith("tuple") or t.startswith("list"):
             inner = float if "float" in t else int if "int" in t else str
             seq = [inner(v) for v in value.split(",") if v.strip()]
@@ -192,6 +257,8 @@ def parse_opts(method_config: type, opts: Sequence[str] | dict[str, Any]) -> dic
     Raises:
         ValueError: unknown key (the message lists the method's options) or a value of the wrong type.
     """
+    from dfkd_fast.synthesis.base import canonical_option
+
     fields = {f.name: f for f in dataclasses.fields(method_config)}
     items: list[tuple[str, Any]] = []
     if isinstance(opts, dict):
@@ -204,7 +271,7 @@ def parse_opts(method_config: type, opts: Sequence[str] | dict[str, Any]) -> dic
             items.append((k.strip(), v.strip()))
     out: dict[str, Any] = {}
     for k, v in items:
-        key = k.replace("-", "_")
+        key = canonical_option(method_config, k)  # aliases: lr <-> lr_g, T <-> temperature
         if key not in fields:
             raise ValueError(f"unknown option {k!r} for this method; its options are: {', '.join(sorted(fields))}")
         out[key] = _convert(v, fields[key].type, key)
@@ -238,6 +305,18 @@ def load_yaml(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def split_method_options(data: dict[str, Any], config_cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a config-file mapping into (fields of ``config_cls``, everything else).
+
+    ``dfkd-fast synthesize`` takes the method's hyper-parameters at the top level of the file (``bn: 1.0``
+    beside ``method: cmi``); the second mapping holds them. They are checked against the chosen method's
+    ``Config`` later (an unknown key is an error there). The ``opt:`` list keeps working and wins.
+    """
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    known = {k: v for k, v in data.items() if k in names}
+    return known, {k: v for k, v in data.items() if k not in names}
+
+
 def merge_config(cls: type, *layers: dict[str, Any]) -> Any:
     """Build ``cls`` from dataclass defaults overridden by each mapping in ``layers`` in turn.
 
@@ -249,8 +328,72 @@ def merge_config(cls: type, *layers: dict[str, Any]) -> Any:
         for k, v in layer.items():
             if k not in names:
                 raise ValueError(f"unknown option {k!r}; known: {', '.join(sorted(names))}")
-            values[k] = v
+            values[k] = _check_value(k, v, names[k].type)
     for name, f in names.items():
         if f.metadata.get("required") and values.get(name) is None:
             raise ValueError(f"the argument --{name.replace('_', '-')} is required")
     return cls(**values)
+
+
+#: int fields that may be negative (every other int field is a count, size or index: >= 0).
+_SIGNED_INTS = frozenset({"seed"})
+#: str fields that also take a YAML list of numbers (parsed later by parse_image_size / parse_floats).
+_LIST_STRS = frozenset({"image_size", "mean", "std"})
+
+
+def _check_value(key: str, value: Any, typ: Any) -> Any:
+    """Check (and for YAML, normalize) ``value`` of field ``key`` whose annotation is ``typ``.
+
+    int fields take ints (not bools), >= 0 except :data:`_SIGNED_INTS`; float fields take finite numbers;
+    bool fields take bools; list fields take a list of strings (a single string or a mapping is turned into a
+    one-entry / ``key=value`` list); str fields take strings (numbers become strings; lists only for
+    :data:`_LIST_STRS`). ``None`` is kept for optional fields.
+
+    Raises:
+        ValueError: one line naming ``--key`` (and the YAML key) and the expected type or range.
+    """
+    t = (typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))).replace(" ", "")
+    flag = "--" + key.replace("_", "-")
+    where = f"{flag} (config key {key!r})"
+    if value is None:
+        if t.endswith("|None") or t.startswith("None|") or t.startswith("Optional"):
+            return None
+        raise ValueError(f"{where} must not be empty (null)")
+    if t.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} expects true or false, got {value!r}")
+        return value
+    if t.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ValueError(f"{where} expects an integer (int), got {value!r} ({type(value).__name__}); "
+                                 "write it without quotes, e.g. 64")
+        if value < 0 and key not in _SIGNED_INTS:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+        return value
+    if t.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} expects a number (float), got {value!r} ({type(value).__name__}); "
+                             "write it without quotes, e.g. 0.1")
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+        return float(value)
+    if t.startswith("list"):
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, dict):
+            return [f"{k}={v}" for k, v in value.items()]
+        if not isinstance(value, (list, tuple)) or ("[str]" in t and not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{where} expects a list of key=value strings, got {value!r}")
+        return list(value)
+    if t.startswith("str"):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, (list, tuple)) and key in _LIST_STRS:
+            return value
+        raise ValueError(f"{where} expects a string, got {value!r} ({type(value).__name__})")
+    return value

@@ -12,11 +12,14 @@ loop itself only talks to :mod:`dfkd_fast.comm`. Process-group setup is in :mod:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import math
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +33,10 @@ from dfkd_fast.config import SynthesizeConfig, parse_floats, parse_image_size, p
 from dfkd_fast.distributed.group import DistContext, init_distributed, shutdown
 from dfkd_fast.transfer_set import write_tensors
 
-__all__ = ["SynthesisSummary", "RankPlan", "batch_seed", "rank_plan", "resolve_device", "load_teacher",
+__all__ = ["SynthesisSummary", "RankPlan", "batch_seed", "rank_plan", "resolve_device", "load_teacher", "load_student",
            "build_from_config", "run_synthesis", "run_distributed_synthesis", "synthesize_from_config",
-           "synthesize_distributed_from_config", "format_throughput", "write_tensors", "run_meta"]
+           "synthesize_distributed_from_config", "format_throughput", "write_tensors", "run_meta",
+           "check_resume_meta", "storage_errors"]
 
 
 @dataclass
@@ -99,32 +103,142 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def load_teacher(spec: str, weights: str | None, num_classes: int, image_size: tuple[int, int, int],
-                 device: torch.device) -> nn.Module:
-    """Build / load the teacher (``dfkd_fast.models.load_model``) in eval mode on ``device``.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(dfkd_fast.__file__))
 
-    Raises:
-        FileNotFoundError: the weights file does not exist.
-        ValueError: unknown model name or spec, unreadable weights, output width != ``num_classes``.
+
+def _raised_here(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is in the dfkd_fast package (our own message)."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep)
+
+
+def _load_user_model(flag: str, spec: str, weights: str | None, num_classes: int,
+                     image_size: tuple[int, int, int]) -> nn.Module:
+    """``load_model(spec, weights, ...)``; anything the user's factory / module raises is blamed on ``flag``.
+
+    Our own ``ValueError`` / ``FileNotFoundError`` (already naming the spec or file) pass through; a factory's
+    ``SyntaxError`` (import), ``TypeError``, ``ZeroDivisionError``, own ``ValueError`` ... become one
+    ``ValueError`` naming ``flag`` and the spec.
     """
     from dfkd_fast.models import load_model
 
+    c, h, _ = image_size
+    try:
+        return load_model(spec, weights=weights, num_classes=num_classes, in_channels=c, image_size=h)
+    except (ValueError, FileNotFoundError) as e:
+        if _raised_here(e):
+            raise
+        raise ValueError(f"{flag} {spec!r}: the factory raised {type(e).__name__}: {e}") from e
+    except SyntaxError as e:
+        where = f" ({os.path.basename(e.filename or '?')}, line {e.lineno})" if e.lineno else ""
+        raise ValueError(f"{flag} {spec!r}: cannot import its module: SyntaxError: {e.msg}{where}") from e
+    except Exception as e:  # noqa: BLE001 - user code: any failure is reported against the flag
+        if ":" not in str(spec):  # a zoo model failing is our bug, not the user's: keep the traceback (DEBUG)
+            raise
+        raise ValueError(f"{flag} {spec!r}: building the model failed: {type(e).__name__}: {e}") from e
+
+
+def _probe_outputs(model: nn.Module, flag: str, spec: str, weights: str | None, weights_flag: str,
+                   num_classes: int, image_size: tuple[int, int, int], device: torch.device) -> None:
+    """Run ``model`` (eval) on a probe batch (a zero image and a U[0,1) image, (2, C, H, W)) and check it returns
+    finite (2, num_classes) logits; each failure is one ``ValueError`` naming ``flag`` (or ``weights_flag``).
+
+    A forward returning a tuple/list/dict is refused (the teacher / student must return the logits tensor).
+    """
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.cat([torch.zeros(1, *image_size), torch.rand(1, *image_size, generator=gen)]).to(device)
+    size = ",".join(map(str, image_size))
+    with torch.no_grad():
+        try:
+            out = model(probe)
+        except RuntimeError as e:
+            raise ValueError(f"the {flag[2:]} {spec!r} cannot take inputs of --image-size {size} "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        except Exception as e:  # noqa: BLE001 - user code
+            raise ValueError(f"{flag} {spec!r}: its forward on a (2, {size}) batch raised {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{flag} {spec!r}: its forward returned a {type(out).__name__}, not a tensor; it must "
+                         f"return the (N, K) logits tensor (wrap the model to return only the logits)")
+    if out.dim() != 2 or out.shape[0] != probe.shape[0]:
+        raise ValueError(f"{flag} {spec!r}: its forward maps a (2, {size}) batch to shape {tuple(out.shape)}; it "
+                         "must return (N, K) logits, one row per image (flatten / squeeze the output)")
+    if out.shape[1] != num_classes and flag == "--teacher":
+        raise ValueError(f"--num-classes {num_classes} does not match the teacher {spec!r}, which outputs "
+                         f"{out.shape[1]} logits; pass --num-classes {out.shape[1]}")
+    if out.shape[1] != num_classes:
+        raise ValueError(f"{flag} {spec!r} outputs {out.shape[1]} logits but the teacher has --num-classes "
+                         f"{num_classes}; pass a {flag[2:]} with {num_classes} outputs")
+    if not bool(torch.isfinite(out).all()):  # one host read, at load time only
+        src = f"its weights {weights!r} ({weights_flag})" if weights else "its parameters"
+        raise ValueError(f"{flag} {spec!r} outputs NaN/Inf logits on a probe batch of inputs in [0, 1]; check {src}")
+
+
+def _check_normalized_probe(model: nn.Module, spec: str, mean: Sequence[float] | None, std: Sequence[float] | None,
+                            image_size: tuple[int, int, int], device: torch.device) -> None:
+    """The teacher on the probe batch normalized with ``--mean`` / ``--std`` (``(x - mean) / std``) must give
+    finite logits; else the flags are blamed (the raw probe already passed). Lengths other than 1 or C are
+    left to the synthesizer's own check."""
+    c = image_size[0]
+    if (mean is None and std is None) or any(v is not None and len(v) not in (1, c) for v in (mean, std)):
+        return
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.zeros(1, *image_size), torch.rand(1, *image_size, generator=gen)])
+    m = torch.tensor(mean if mean is not None else [0.0]).view(1, -1, 1, 1)
+    s = torch.tensor(std if std is not None else [1.0]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        out = model(((x - m) / s).to(device))
+    if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+        given = " ".join(f"--{n} {','.join(f'{v:g}' for v in vals)}" for n, vals in (("mean", mean), ("std", std))
+                         if vals is not None)
+        raise ValueError(f"{given}: the teacher {spec!r} outputs NaN/Inf logits on inputs in [0, 1] normalized with "
+                         "these; check --mean / --std (the normalization the teacher was trained with)")
+
+
+def load_teacher(spec: str, weights: str | None, num_classes: int, image_size: tuple[int, int, int],
+                 device: torch.device, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> nn.Module:
+    """Build / load the teacher (``dfkd_fast.models.load_model``) in eval mode on ``device``.
+
+    The teacher is checked on a probe batch (:func:`_probe_outputs`): it must map (2, C, H, W) to finite
+    (2, ``num_classes``) logits, also after normalization with ``mean`` / ``std`` when given.
+
+    Raises:
+        FileNotFoundError: the weights file does not exist.
+        ValueError: unknown model name or spec, a factory that fails, unreadable weights, a forward that fails,
+            returns a non-tensor or a wrong shape, output width != ``num_classes``, NaN/Inf outputs.
+    """
     if weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(f"--weights: file {weights!r} not found")
     if num_classes < 2:
         raise ValueError(f"--num-classes must be >= 2, got {num_classes}")
-    c, h, _ = image_size
-    model = load_model(spec, weights=weights, num_classes=num_classes, in_channels=c, image_size=h)
+    model = _load_user_model("--teacher", spec, weights, num_classes, image_size)
     model = model.to(device).eval()
-    with torch.no_grad():
-        try:
-            out = model(torch.zeros(1, *image_size, device=device))
-        except RuntimeError as e:
-            raise ValueError(f"the teacher {spec!r} cannot take inputs of --image-size "
-                             f"{','.join(map(str, image_size))} ({str(e).splitlines()[0]})") from None
-    if out.dim() != 2 or out.shape[1] != num_classes:
-        raise ValueError(f"--num-classes {num_classes} does not match the teacher {spec!r}, which outputs "
-                         f"{tuple(out.shape[1:])} logits; pass --num-classes {out.shape[-1]}")
+    _probe_outputs(model, "--teacher", spec, weights, "--weights", num_classes, image_size, device)
+    _check_normalized_probe(model, spec, mean, std, image_size, device)
+    return model
+
+
+def load_student(spec: str, weights: str | None, num_classes: int, image_size: tuple[int, int, int],
+                 device: torch.device) -> nn.Module:
+    """Build / load the student on ``device`` (train mode kept) and check its output width up front.
+
+    Raises:
+        FileNotFoundError: ``weights`` does not exist. ValueError: as :func:`load_teacher`, naming ``--student``.
+    """
+    if weights is not None and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--student-weights: file {weights!r} not found")
+    model = _load_user_model("--student", spec, weights, num_classes, image_size).to(device)
+    was_training = model.training
+    model.eval()  # the probe must not update BatchNorm running statistics
+    try:
+        _probe_outputs(model, "--student", spec, weights, "--student-weights", num_classes, image_size, device)
+    finally:
+        model.train(was_training)
     return model
 
 
@@ -199,16 +313,10 @@ def build_from_config(cfg: SynthesizeConfig, method_options: dict[str, Any] | No
     opts.update(parse_opts(cls.Config, cfg.opt))
     mean, std = parse_floats(cfg.mean, "mean"), parse_floats(cfg.std, "std")
     device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, cfg.weights, cfg.num_classes, image_size, device)
+    teacher = load_teacher(cfg.teacher, cfg.weights, cfg.num_classes, image_size, device, mean=mean, std=std)
     student = None
     if cfg.student is not None:
-        if cfg.student_weights is not None and not os.path.isfile(cfg.student_weights):
-            raise FileNotFoundError(f"--student-weights: file {cfg.student_weights!r} not found")
-        from dfkd_fast.models import load_model
-
-        c, h, _ = image_size
-        student = load_model(cfg.student, weights=cfg.student_weights, num_classes=cfg.num_classes, in_channels=c,
-                             image_size=h).to(device)
+        student = load_student(cfg.student, cfg.student_weights, cfg.num_classes, image_size, device)
     elif cfg.student_weights is not None:
         raise ValueError("--student-weights needs --student (the student's architecture)")
     extra: dict[str, Any] = {}
@@ -302,7 +410,25 @@ def run_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | N
         :class:`SynthesisSummary` of the whole run (the same on every rank; stored in the manifest as
         ``summary``). Under a process group (``ctx`` given) ``extra["distributed"]`` holds the world size and
         per-rank images / seconds / images/s.
+
+    Only one run may write ``out`` at a time: the main rank holds ``dfkd_fast._lock.OutputLock(out)`` for the whole
+    run, and a second run fails at once naming the holder.
     """
+    from dfkd_fast._lock import OutputLock
+
+    main_rank = ctx.is_main if ctx is not None else True
+    if not main_rank:
+        return _run_synthesis(synth, out, num_images, ctx=ctx, meta=meta, shard_size=shard_size, store=store,
+                              resume=resume, seed=seed, preview=preview, progress=progress)
+    with OutputLock(out, "dfkd-fast synthesize"):
+        return _run_synthesis(synth, out, num_images, ctx=ctx, meta=meta, shard_size=shard_size, store=store,
+                              resume=resume, seed=seed, preview=preview, progress=progress)
+
+
+def _run_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | None = None,
+                   meta: dict[str, Any] | None = None, shard_size: int = 1024, store: str = "uint8",
+                   resume: bool = False, seed: int = 0, preview: int = 64, progress: bool = True) -> SynthesisSummary:
+    """The body of :func:`run_synthesis` (the caller holds the output lock on the main rank)."""
     from dfkd_fast.transfer_set import TransferSetWriter, add_to_manifest, finalize_manifest
 
     distributed = ctx is not None
@@ -320,6 +446,8 @@ def run_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | N
     if world > 1:  # the rank plan depends on it: a resume must use the same number
         meta["num_images"] = int(num_images)
     collective = synth.setup_comm() if world > 1 else False
+    if resume:
+        check_resume_meta(out, meta, store=store, shard_size=shard, world_size=world)
 
     def open_writer() -> TransferSetWriter:
         return TransferSetWriter(out, meta, shard_size=shard, store=store, soft_kind="logits", rank=rank,
@@ -329,6 +457,9 @@ def run_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | N
     ctx.barrier()
     writer = writer or open_writer()
     done = int(writer.num_committed)
+    if world == 1 and done > plan.images:  # never silently keep more images than asked for
+        raise ValueError(f"--num-images {num_images} is smaller than the {done} images {out} already holds; resume "
+                         f"with --num-images {done} (or more, to extend the set) or write to a new --out")
     stats = _new_stats(k)
     if done:
         saved = writer.state
@@ -350,6 +481,7 @@ def run_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | N
     if collective:  # lockstep: every rank makes the same number of synthesize calls (collectives inside)
         steps = _max_int(steps, ctx)
     preview_path = os.path.join(out, "preview.png")
+    need_preview = bool(ctx.is_main and preview and not _preview_ok(preview_path))  # missing, 0-byte or corrupt
     bar = None
     if progress and ctx.is_main:
         from tqdm.auto import tqdm
@@ -369,18 +501,22 @@ def run_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | N
             continue
         take = min(bs, plan.images - n)
         images, logits, probs = record_batch(stats, res, take, k)
-        if ctx.is_main and preview and not os.path.exists(preview_path):
+        if need_preview:
             _save_preview(images[:preview], probs[:preview], preview_path)
-        writer.add(images, logits, res.targets[:take].detach(), seed=bseed)
+            need_preview = False
         n += take
-        if n % shard == 0 or n >= plan.images:  # a shard was just committed (or the range ends): save the state
-            writer.state = {"synth": synth.state_dict(), "runner": dict(stats), "batches": b}
+        # a shard is committed now (or the range ends): its state is saved with it, before its journal line
+        save = {"state": {"synth": synth.state_dict(), "runner": dict(stats), "batches": b}} if (
+            n % shard == 0 or n >= plan.images) else {}
+        writer.add(images, logits, res.targets[:take].detach(), seed=bseed, **save)
         if bar is not None:
             bar.update(take)
             bar.set_postfix(img_s=f"{(n - done) / max(time.perf_counter() - t0, 1e-9):.1f}")
     if bar is not None:
         bar.close()
     writer.close(finalize=False)
+    if need_preview and writer.shards:  # nothing left to synthesize (finished set): draw it from the set
+        _preview_from_shards(out, writer.shards, preview, preview_path)
     local = torch.tensor([rank, stats["images"], stats["seconds"], stats["conf_sum"], *stats["hist"]],
                          dtype=torch.float64, device=ctx.device)
     rows = comm.all_gather_rows(local.unsqueeze(0)).cpu() if world > 1 else local.unsqueeze(0).cpu()
@@ -414,7 +550,40 @@ def run_distributed_synthesis(synth: Any, out: str, num_images: int, *, ctx: Dis
 def _save_preview(images: torch.Tensor, probs: torch.Tensor, path: str) -> None:
     from dfkd_fast.viz import save_grid
 
-    save_grid(images.cpu(), path, probs=probs.cpu(), title="teacher top-1 class and confidence")
+    save_grid(images.cpu(), path, probs=probs.cpu(), title="teacher top-1 class and confidence")  # atomic
+
+
+def _preview_ok(path: str) -> bool:
+    """Whether ``path`` is a readable PNG (False when missing, empty or damaged, e.g. by a kill mid-write)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception:
+        return False
+    return True
+
+
+def _preview_from_shards(out: str, shards: list[dict[str, Any]], preview: int, path: str) -> None:
+    """Draw the preview grid from the first ``preview`` images of committed shards (and their teacher logits)."""
+    from safetensors.torch import load_file
+
+    from dfkd_fast.transfer_set.manifest import logits_key
+
+    imgs, logits, n = [], [], 0
+    for sh in shards:
+        if n >= preview:
+            break
+        d = load_file(os.path.join(out, sh["file"]))
+        imgs.append(d["images"][:preview - n])
+        logits.append(d[logits_key(d)][:preview - n].float())
+        n += imgs[-1].shape[0]
+    x = torch.cat(imgs)
+    x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+    _save_preview(x, torch.cat(logits).softmax(1), path)
 
 
 def run_meta(cfg: SynthesizeConfig, synth: Any, teacher: nn.Module) -> dict[str, Any]:
@@ -429,6 +598,105 @@ def run_meta(cfg: SynthesizeConfig, synth: Any, teacher: nn.Module) -> dict[str,
             "compile": cfg.compile, "precision": cfg.precision}
 
 
+#: meta.json keys (dotted for nested ones) -> the flag that sets them.
+_META_FLAGS = {"method": "--method", "batch_size": "--batch-size", "seed": "--seed", "num_classes": "--num-classes",
+               "image_size": "--image-size", "num_images": "--num-images", "teacher.spec": "--teacher",
+               "teacher.weights": "--weights", "teacher.fingerprint": "--teacher/--weights (the teacher's parameters)",
+               "mean": "--mean", "std": "--std", "backend": "--backend", "compile": "--compile",
+               "precision": "--precision", "store": "--store", "shard_size": "--shard-size (rounded up to a multiple "
+               "of --batch-size)", "world_size": "the number of processes", "dfkd_fast": "the dfkd_fast version"}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume_meta(out: str, meta: dict[str, Any], *, store: str, shard_size: int, world_size: int) -> None:
+    """Before ``--resume``: compare ``out/meta.json`` with this run's settings and name every changed flag.
+
+    Each difference is reported as ``--flag: was A, now B`` (method hyper-parameters ``hparams.x`` as ``--x``).
+    Nothing to compare (no meta.json yet) passes; a damaged meta.json raises naming the file.
+
+    Raises:
+        ValueError: one line naming the changed flags and both values.
+    """
+    from dfkd_fast.transfer_set.manifest import _jsonable
+
+    path = os.path.join(out, "meta.json")
+    if not os.path.isfile(path):
+        return
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            old = json.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--resume: {path} is damaged (not valid JSON: {' '.join(str(e).split())}); restore it "
+                         "or write to a new --out") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"--resume: {path} is damaged (not a JSON object); restore it or write to a new --out")
+    was = _flatten(old.get("meta", {}))
+    was.update({k: old[k] for k in ("store", "shard_size", "world_size") if k in old})
+    now = _flatten(_jsonable(meta))
+    now.update(store=store, shard_size=int(shard_size), world_size=int(world_size))
+    diffs = []
+    for key in sorted(set(was) | set(now)):
+        if key == "dfkd_fast" or was.get(key) == now.get(key):
+            continue
+        if key == "teacher.fingerprint" and (was.get("teacher.spec") != now.get("teacher.spec")
+                                             or was.get("teacher.weights") != now.get("teacher.weights")):
+            continue  # already reported as --teacher / --weights
+        flag = "--" + key[len("hparams."):].replace("_", "-") if key.startswith("hparams.") else \
+            _META_FLAGS.get(key, key)
+        diffs.append(f"{flag} was {_short(was.get(key))}, now {_short(now.get(key))}")
+    if diffs:
+        raise ValueError(f"--resume: the run in {out} was made with other settings: {'; '.join(diffs)}; resume with "
+                         "the interrupted run's values or write to a new --out")
+
+
+_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed", "No space left", "StorageFull",
+                   "Disk quota")
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """A failed file write: ENOSPC/EDQUOT OSError, torch.save's RuntimeError, or safetensors' SafetensorError."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError":
+        return any(m in str(e) for m in _WRITE_FAILURES) or type(e).__name__ == "SafetensorError"
+    return False
+
+
+@contextlib.contextmanager
+def storage_errors(out: str, flag: str = "--out") -> Iterator[None]:
+    """Turn a failed write into the transfer set (disk full, quota, torch.save / safetensors write errors, which
+    are not ``OSError``) into one ``OSError`` that says so in words and names ``flag`` and the free space."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
+        try:
+            free = f"{shutil.disk_usage(out).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        full = isinstance(e, OSError) or any(m in str(e) for m in ("No space left", "StorageFull", "Disk quota"))
+        what = "the disk is full" if full else "the disk is full or the directory is not writable"
+        detail = " ".join(str(e).split())[:120]
+        raise OSError(f"{flag} {out}: writing the transfer set failed: {what} ({free}; {type(e).__name__}: "
+                      f"{detail}); free space, then rerun with --resume to continue") from e
+
+
 def synthesize_from_config(cfg: SynthesizeConfig, method_options: dict[str, Any] | None = None,
                            progress: bool = True) -> SynthesisSummary:
     """``dfkd-fast synthesize``: build teacher + synthesizer from ``cfg`` and run :func:`run_synthesis`.
@@ -439,17 +707,19 @@ def synthesize_from_config(cfg: SynthesizeConfig, method_options: dict[str, Any]
     """
     if not cfg.distributed:
         teacher, synth, _ = build_from_config(cfg, method_options)
-        return run_synthesis(synth, cfg.out, cfg.num_images, meta=run_meta(cfg, synth, teacher),
-                             shard_size=cfg.shard_size, store=cfg.store, resume=cfg.resume, seed=cfg.seed,
-                             preview=cfg.preview, progress=progress)
+        with storage_errors(cfg.out):
+            return run_synthesis(synth, cfg.out, cfg.num_images, meta=run_meta(cfg, synth, teacher),
+                                 shard_size=cfg.shard_size, store=cfg.store, resume=cfg.resume, seed=cfg.seed,
+                                 preview=cfg.preview, progress=progress)
     ctx = init_distributed(cfg.device)
     try:
         cfg = dataclasses.replace(cfg, device=str(ctx.device))
         teacher, synth, _ = build_from_config(cfg, method_options)
         t0 = time.perf_counter()
-        summary = run_synthesis(synth, cfg.out, cfg.num_images, ctx=ctx, meta=run_meta(cfg, synth, teacher),
-                                shard_size=cfg.shard_size, store=cfg.store, resume=cfg.resume, seed=cfg.seed,
-                                preview=cfg.preview, progress=progress and ctx.is_main)
+        with storage_errors(cfg.out):
+            summary = run_synthesis(synth, cfg.out, cfg.num_images, ctx=ctx, meta=run_meta(cfg, synth, teacher),
+                                    shard_size=cfg.shard_size, store=cfg.store, resume=cfg.resume, seed=cfg.seed,
+                                    preview=cfg.preview, progress=progress and ctx.is_main)
         summary.extra["distributed"].update(rank=ctx.rank, wall_seconds=time.perf_counter() - t0)
         return summary
     finally:

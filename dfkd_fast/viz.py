@@ -81,10 +81,23 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike | torch.Tensor,
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    _save_atomic(fig, path)
     plt.close(fig)
     return path
+
+
+def _save_atomic(fig, path: str) -> None:
+    """``fig.savefig`` (format from the extension, default PNG) to a temp file beside ``path``, then
+    ``os.replace``: a crash never leaves a partial or empty ``path`` (the old file stays until the new one is
+    complete)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, dpi=100, format=os.path.splitext(path)[1].lstrip(".").lower() or "png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, title: str | None = None,
@@ -110,7 +123,6 @@ def save_curves(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    _save_atomic(fig, path)
     plt.close(fig)
     return path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_ran import check_param_backend, ran
 from dfkd_fast.kernels.bn_stats import bn_stat_loss_ref, bn_stats_ref, channel_stats_ref, stat_loss_terms_ref
 
 from dfkd_fast import _backend, kernels
@@ -25,6 +26,14 @@ SHAPES = [
     (2, 1030, 2, 1),  # > 1024 channels
 ]
 TOL = {torch.float32: (1e-5, 1e-5)}  # (rtol, atol) vs the float64 reference
+FWD = {"triton": ("bn_stats_fwd", "stat_loss_fwd"), "cpp": ("bn_stats_fwd", "bn_stat_loss_terms")}
+BWD = {"triton": ("bn_stats_bwd",), "cpp": ("bn_stats_bwd",), "torch": ()}
+
+
+@pytest.fixture(autouse=True)
+def _fused_path_ran(request):
+    """Every test parametrized with a fused backend must launch that backend's kernels (no silent fallback)."""
+    yield from check_param_backend(request, FWD, exempt=("test_bad_inputs_raise",))
 
 
 def _make(shape, layout: str, dtype=torch.float32, offset: float = 3.0) -> torch.Tensor:
@@ -64,7 +73,8 @@ def test_channel_stats_values_and_grads(backend, shape, layout):
         assert a.dtype == torch.float32
         _close(a, b, rtol, atol)
     grads = [torch.randn(t.shape) for t in (mean, var, inst)]
-    torch.autograd.backward([mean, var, inst], grads)
+    with ran(backend, BWD[backend]):  # the backward is the fused kernel too
+        torch.autograd.backward([mean, var, inst], grads)
     torch.autograd.backward([rmean, rvar, rinst], [g.double() for g in grads])
     assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
     if layout == "channels_last":
@@ -146,7 +156,8 @@ def test_bn_stat_loss_vs_reference(backend, kind, variant):
     feats, rms, rvs, mst = _loss_inputs()
     w, ms, mom = (None, None, 0.0) if variant == "plain" else ([3.0, 1.0, 0.5], mst, 0.9)
     loss = bn_stat_loss(feats, rms, rvs, w, kind, ms, mom, backend=backend)
-    grads = torch.autograd.grad(loss, feats)
+    with ran(backend, BWD[backend], at_least=len(feats)):
+        grads = torch.autograd.grad(loss, feats)
     fd = [f.detach().double().requires_grad_() for f in feats]
     ref = bn_stat_loss_ref(fd, rms, rvs, w, kind, ms, mom)
     rgrads = torch.autograd.grad(ref, fd)

@@ -135,7 +135,7 @@ def test_synthesize_from_user_factory(weights, tmp_path, capsys):
                  "cli_models:tiny_student", "--image-size", "1,8,8", "--epochs", "2", "--batch-size", "4",
                  "--test-set", "digits", "--temperature", "4", "--device", "cpu", "--out", str(run)]) == 0
     assert "test accuracy" in capsys.readouterr().out
-    for name in ("student.pt", "checkpoint.pt", "curves.png"):
+    for name in ("student.safetensors", "checkpoint.pt", "curves.png", "metrics.jsonl"):
         assert os.path.getsize(run / name) > 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from backend_ran import check_param_backend
 from dfkd_fast.kernels.crop_flip import crop_flip_ref
 
 from dfkd_fast import _backend, kernels
@@ -17,6 +18,12 @@ BACKENDS = [
     pytest.param("triton", marks=pytest.mark.skipif(not _TRITON_OK, reason=_TRITON_WHY)),
 ]
 FAST = BACKENDS[1:]
+
+
+@pytest.fixture(autouse=True)
+def _fused_path_ran(request):
+    """Every test parametrized with a fused backend must launch that backend's kernel (no silent fallback)."""
+    yield from check_param_backend(request, {"triton": ("crop_flip_fwd",), "cpp": ("crop_flip_fwd",)})
 
 # (shape, boxes (x0, y0, x1, y1) per image, flips, out_size)
 CASES = [

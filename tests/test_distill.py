@@ -5,14 +5,20 @@ Data Impressions synthesized from it, a smaller student distilled from them.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from cli_models import tiny_cnn, tiny_student
 
-from dfkd_fast.datasets import digits
+from dfkd_fast.config import DistillConfig
+from dfkd_fast.datasets import digits, load_test_set
+from dfkd_fast.models import load_model
 from dfkd_fast.synthesis import build_synthesizer
 from dfkd_fast.tasks.distill import DistillResult, distill, distill_online, evaluate_accuracy
 
@@ -63,6 +69,11 @@ def _student(seed: int = 1):
     return tiny_student(K, 1, S)
 
 
+def res_student_state(res, out):
+    """The student's final weights as the checkpoint holds them."""
+    return torch.load(out / "checkpoint.pt", weights_only=True)["student"]
+
+
 def test_offline_beats_untrained(teacher, impressions, data, tmp_path):
     _, _, xt, yt = data
     untrained = evaluate_accuracy(_student(), xt, yt)
@@ -72,9 +83,19 @@ def test_offline_beats_untrained(teacher, impressions, data, tmp_path):
     assert res.epochs == 12 and len(res.train_loss) == 12 and len(res.test_acc) == 12
     assert res.train_loss[-1] < res.train_loss[0]
     assert res.final_acc > untrained + 0.35, (untrained, res.test_acc)
-    for name in ("checkpoint.pt", "student.pt", "curves.png"):
+    for name in ("checkpoint.pt", "student.safetensors", "curves.png", "metrics.jsonl"):
         assert os.path.getsize(tmp_path / name) > 0
     assert res.images == impressions.shape[0]
+    assert res.teacher_acc == evaluate_accuracy(teacher, xt, yt)
+    saved = load_model(tiny_student(K, 1, S), weights=str(tmp_path / "student.safetensors"))
+    for (k, a), b in zip(saved.state_dict().items(), res_student_state(res, tmp_path).values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 13))
+    assert [r["kd_loss"] for r in rows] == res.train_loss and [r["test_acc"] for r in rows] == res.test_acc
+    assert [r["images_seen"] for r in rows] == [e * impressions.shape[0] for e in range(1, 13)]
+    assert rows[0]["lr"] == 0.05 and rows[-1]["lr"] < rows[0]["lr"]  # cosine, lr at each epoch's first step
+    assert all(r["seconds"] > 0 for r in rows) and rows[0]["teacher_test_acc"] == res.teacher_acc
 
 
 def test_checkpoint_resume_continues_exactly(teacher, impressions, data, tmp_path):
@@ -90,6 +111,9 @@ def test_checkpoint_resume_continues_exactly(teacher, impressions, data, tmp_pat
     resumed_model = _student(seed=7)  # different init: everything must come from the checkpoint
     resumed = distill(resumed_model, teacher, impressions, out_dir=str(tmp_path / "b"), resume=True, **kw)
     assert resumed.epochs == 4
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # appended after the resume, no duplicates
+    torch.testing.assert_close(torch.tensor([r["kd_loss"] for r in rows]), torch.tensor(ref.train_loss))
     torch.testing.assert_close(torch.tensor(resumed.train_loss), torch.tensor(ref.train_loss), rtol=1e-5, atol=1e-6)
     for (k, a), b in zip(full.state_dict().items(), resumed_model.state_dict().values(), strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
@@ -131,3 +155,92 @@ def test_online_smoke(teacher, data, tmp_path):
     from dfkd_fast.transfer_set import TransferSet
 
     assert len(TransferSet(str(tmp_path / "transfer_set"))) == 48
+
+
+def test_library_defaults_are_the_cli_defaults():
+    """distill() takes epochs / lr / T / batch size / schedule / weight decay / seed from DistillConfig."""
+    params = inspect.signature(distill).parameters
+    cli = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    for arg, field in (("epochs", "epochs"), ("lr", "lr"), ("T", "temperature"), ("batch_size", "batch_size"),
+                       ("schedule", "schedule"), ("weight_decay", "weight_decay"), ("seed", "seed")):
+        assert params[arg].default == cli[field], (arg, params[arg].default, cli[field])
+
+
+def test_curves_have_loss_and_percent_accuracy_axes_with_teacher_line():
+    from dfkd_fast.tasks.distill.common import _curves_figure
+
+    fig = _curves_figure([2.0, 1.5, 1.0], [0.5, 0.6, 0.75], "epoch", teacher_acc=0.9)
+    ax_loss, ax_acc = fig.axes
+    assert "loss" in ax_loss.get_ylabel() and "%" in ax_acc.get_ylabel()
+    assert list(ax_loss.lines[0].get_ydata()) == [2.0, 1.5, 1.0]
+    np.testing.assert_allclose(ax_acc.lines[0].get_ydata(), [50.0, 60.0, 75.0])
+    teacher_line = ax_acc.lines[1]
+    np.testing.assert_allclose(teacher_line.get_ydata(), [90.0, 90.0])  # horizontal at the teacher's %
+    assert "teacher" in teacher_line.get_label()
+    assert len(_curves_figure([1.0], [], "epoch").axes) == 1  # no accuracy axes without a test set
+
+
+def _write_png_folder(root, x, y, names):
+    from PIL import Image
+
+    for c in names:
+        (root / c).mkdir(parents=True)
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        a = (img[0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(a, mode="L").save(root / names[int(label)] / f"{i:04d}.png")
+
+
+def test_test_set_from_image_folder_and_tensor_files(data, tmp_path):
+    from safetensors.torch import save_file
+
+    _, _, xt, yt = data
+    x, y = xt[:60], yt[:60] % 10
+    # 12 class folders, sorted by name -> labels (class_10 and class_11 empty, as export-png writes them)
+    names = [f"class_{c:02d}" for c in range(12)]
+    _write_png_folder(tmp_path / "folder", x, y, names)
+    fx, fy = load_test_set(str(tmp_path / "folder"), (1, S, S))
+    order = torch.argsort(y, stable=True)
+    torch.testing.assert_close(fy, y[order])
+    torch.testing.assert_close(fx, (x[order] * 255).round() / 255)
+    assert load_test_set(str(tmp_path / "folder"), (3, S, S))[0].shape == (60, 3, S, S)  # L -> RGB
+
+    torch.save({"images": x, "labels": y}, tmp_path / "t.pt")
+    save_file({"images": (x * 255).round().to(torch.uint8), "labels": y}, str(tmp_path / "t.safetensors"))
+    px, py = load_test_set(str(tmp_path / "t.pt"), (1, S, S))
+    torch.testing.assert_close(px, x)
+    torch.testing.assert_close(py, y)
+    sx, _ = load_test_set(str(tmp_path / "t.safetensors"), (1, S, S))
+    torch.testing.assert_close(sx, (x * 255).round() / 255)
+
+    bad = {"keys": {"x": x, "labels": y}, "size": {"images": x, "labels": y}, "labels": {"images": x, "labels": y[:5]},
+           "range": {"images": x * 4 - 2, "labels": y}}
+    for name, obj in bad.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+    checks = [("keys", (1, S, S), "'images'"), ("size", (1, 16, 16), "--image-size is 1,16,16"),
+              ("labels", (1, S, S), r"labels have shape \(5,\)"), ("range", (1, S, S), r"\[0, 1\]")]
+    for name, size, match in checks:
+        with pytest.raises(ValueError, match=match) as e:
+            load_test_set(str(tmp_path / f"{name}.pt"), size)
+        assert "--test-set" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="--test-set: cannot read .*junk.safetensors"):
+        load_test_set(str(tmp_path / "junk.safetensors"), (1, S, S))
+    with pytest.raises(ValueError, match="--image-size"):
+        load_test_set(str(tmp_path / "folder"), (1, 16, 16))
+    with pytest.raises(ValueError, match="--test-set must be"):
+        load_test_set("cifar10", (1, S, S))
+
+
+def test_distill_leaves_the_callers_teacher_as_it_was(teacher, impressions):
+    """distill() freezes the teacher while it runs and gives it back unchanged: training flags and requires_grad."""
+    teacher.train()
+    for p in teacher.parameters():
+        p.requires_grad_(True)
+    try:
+        distill(_student(), teacher, impressions[:64], epochs=1, lr=0.01, T=4, batch_size=32, progress=False)
+        assert teacher.training and all(m.training for m in teacher.modules())
+        assert all(p.requires_grad for p in teacher.parameters())
+    finally:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)

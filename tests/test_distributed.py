@@ -295,7 +295,7 @@ def test_online_fast_meta_ddp_ranks_stay_identical(tmp_path):
     ts = TransferSet(os.path.join(out, "transfer_set"), verify=True)  # both ranks' pools, one set
     assert len(ts) == 2 * rounds * B and {s["file"].split("-")[1] for s in ts.manifest["shards"]} == {"000", "001"}
     assert len(set(_image_hashes(ts))) == 2 * rounds * B  # ranks synthesized from different latents
-    assert os.path.isfile(os.path.join(out, "student.pt"))
+    assert os.path.isfile(os.path.join(out, "student.safetensors"))
 
 
 def test_kill_one_rank_then_resume_completes_without_duplicates(tmp_path):

@@ -154,7 +154,7 @@ def _layer(m: str) -> str:
         return "ops"
     if head == "synthesis":
         return "synthesis"
-    if head in ("tasks", "demo"):
+    if head in ("tasks", "demo", "compat"):
         return "tasks"
     if head in ("cli", "__main__", "config", "runner", "distributed", "info"):
         return "top"

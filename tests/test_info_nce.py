@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_ran import check_param_backend, ran
 from dfkd_fast.kernels.info_nce import info_nce_ref
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -23,6 +24,21 @@ CASES = [  # (M, D, temperature)
 # The fp32 reference itself is off from float64 by up to ~5e-7 * L (measured); we allow 4x that.
 LOSS_TOL = 2e-6
 GRAD_TOL = 1e-6
+FWD, BWD = ("info_nce_fwd",), ("info_nce_bwd_dq", "info_nce_bwd_dk")
+#: tests that name backend="triton" without a ``backend`` parameter: forward and backward kernels must launch
+TRITON_TESTS = ("test_single_row_is_zero", "test_large_logits_stable", "test_low_precision_within_2x_eager",
+                "test_dk_only_when_keys_require_grad", "test_keys_only_grad", "test_non_contiguous_inputs",
+                "test_no_m_by_m_buffer", "test_torch_compile_fullgraph")
+
+
+@pytest.fixture(autouse=True)
+def _fused_path_ran(request):
+    """A test that asks for Triton must launch the Triton kernels (no silent fallback to torch)."""
+    if getattr(request.node, "originalname", request.node.name) in TRITON_TESTS:
+        with ran("triton", FWD), ran("triton", BWD):
+            yield
+    else:
+        yield from check_param_backend(request, {"triton": FWD}, exempt=("test_bad_input",))
 
 
 def _inputs(m: int, d: int, dtype: torch.dtype = torch.float32, scale: float = 1.0):
@@ -55,7 +71,8 @@ def test_matches_reference_fp32(backend, m, d, t):
     g = torch.randn(shape[0])
     before = kernels.LAUNCHES["info_nce_fwd"]
     loss = info_nce(q, k, t, backend=backend)
-    dq, dk = torch.autograd.grad(loss, (q, k), g)
+    with ran(backend, ("info_nce_bwd_dq",)), ran(backend, ("info_nce_bwd_dk",)):
+        dq, dk = torch.autograd.grad(loss, (q, k), g)
     assert kernels.LAUNCHES["info_nce_fwd"] == before + (backend == "triton")
     assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
     _assert_fp32_close(q, k, t, loss, dq, dk, *_ref_grads(q, k, t, g))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_ran import check_param_backend, ran
 from dfkd_fast.kernels.soft_ce import kd_kl_div_fwd, kd_kl_div_ref, soft_target_cross_entropy_ref
 
 from dfkd_fast import _backend, kernels
@@ -18,6 +19,13 @@ FUSED = BACKENDS[1:]
 LOSSES = {"ce": (soft_target_cross_entropy, soft_target_cross_entropy_ref),
           "kl": (kd_kl_div, kd_kl_div_ref)}
 TOL = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-10, 1e-12)}  # (rtol, atol) for loss and grads
+FWD = {"triton": ("soft_ce_fwd", "kd_kl_fwd"), "cpp": ("soft_ce_fwd", "kd_kl_fwd")}
+
+
+@pytest.fixture(autouse=True)
+def _fused_path_ran(request):
+    """Every test parametrized with a fused backend must launch that backend's kernel (no silent fallback)."""
+    yield from check_param_backend(request, FWD)
 
 SHAPES = [
     (1, 1),  # minimal: N=1, K=1 (loss and gradient are exactly 0 for normalized targets)
@@ -190,7 +198,8 @@ def test_temperature_applied_once():
     z = torch.randn(4, 6) * 3
     y = torch.softmax(torch.randn(4, 6), -1)
     for backend in ["torch"] + (["cpp"] if HAS_CPP else []):
-        got = soft_target_cross_entropy(z, y, 20.0, backend=backend)
+        with ran(backend, ("soft_ce_fwd",)):
+            got = soft_target_cross_entropy(z, y, 20.0, backend=backend)
         want = -(y * torch.log_softmax(z / 20.0, -1)).sum(-1).mean()
         wrong = -(y * torch.log_softmax(z / 400.0, -1)).sum(-1).mean()
         torch.testing.assert_close(got, want)

@@ -138,7 +138,7 @@ def test_zskt_student_loss_with_attention_transfer():
     loss.backward()
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
-    plain = ZSKT(teacher, K, IMG, batch_size=4, student=student, **TINY).student_loss(x)
+    plain = ZSKT(teacher, K, IMG, batch_size=4, student=student, at_layers=(), **TINY).student_loss(x)
     assert float(loss.detach()) > float(plain.detach())  # the AT term adds a positive amount
     a = torch.randn(2, 3, 4, 4)
     torch.testing.assert_close(attention_map(a).norm(dim=1), torch.ones(2))

@@ -229,6 +229,70 @@ def test_deep_inversion_loss_decreases_and_best_is_copy(bn_teacher):
     torch.testing.assert_close(res.images, kept, rtol=0, atol=0)
 
 
+class _Scripted:
+    """Mixin: the loss of step k is ``script[k]`` exactly, with gradient 1 per pixel (Adam moves every pixel by
+    about -lr per step, so each step's pixels differ); records a copy of the pixels each loss was computed on."""
+
+    script: tuple[float, ...] = ()
+
+    def step_loss(self, x, targets, *view):
+        self.seen = getattr(self, "seen", [])
+        self.seen.append(x.detach().clone())
+        s = x.sum()
+        return torch.tensor(self.script[len(self.seen) - 1]) + (s - s.detach())
+
+
+@pytest.mark.parametrize("script", [(5.0, 3.0, 1.0, 4.0, 6.0), (2.0, 0.5, 0.5, 0.7, 9.0), (3.0, 2.0, 1.0)])
+def test_deep_inversion_returns_lowest_loss_step_not_last(bn_teacher, script):
+    """keep_best: the images are the pixels of the lowest-loss step (the first on ties), not the last ones."""
+    from dfkd_fast.synthesis.deep_inversion import DeepInversion
+
+    class Scripted(_Scripted, DeepInversion):
+        pass
+
+    Scripted.script = script
+    syn = Scripted(bn_teacher, K, IMG, batch_size=3, iterations=len(script), lr=0.01, seed=0)
+    res = syn.synthesize()
+    assert res.losses == pytest.approx(script)
+    best = min(range(len(script)), key=lambda i: (script[i], i))
+    assert len(syn.seen) == len(script)
+    torch.testing.assert_close(res.images, syn.seen[best], rtol=0, atol=0)
+    for i, x in enumerate(syn.seen):
+        if i != best:
+            assert not torch.equal(res.images, x), i
+    torch.testing.assert_close(res.teacher_logits, bn_teacher(syn.normalize(syn.seen[best])))
+
+
+def test_data_impressions_returns_last_step(plain_teacher):
+    """Without keep_best (Data Impressions) the result is the pixels after the last step, even if worse."""
+
+    class Scripted(_Scripted, DataImpressions):
+        script = (1.0, 2.0, 3.0)
+
+    syn = Scripted(plain_teacher, K, IMG, batch_size=3, iterations=3, lr=0.01, seed=0)
+    res = syn.synthesize()
+    assert res.losses == pytest.approx(Scripted.script)
+    assert not any(torch.equal(res.images, x) for x in syn.seen)  # one Adam step past the last recorded pixels
+    assert float((res.images - syn.seen[-1]).mean()) < 0  # moved down the gradient (+1) once more
+
+
+def test_deep_inversion_diverging_lr_keeps_best_batch(bn_teacher):
+    """A real loss at an lr that makes it oscillate: the returned pixels are the argmin step's."""
+    from dfkd_fast.synthesis.deep_inversion import DeepInversion
+
+    class Spy(DeepInversion):
+        def step_loss(self, x, targets, *view):
+            self.seen = getattr(self, "seen", [])
+            self.seen.append(x.detach().clone())
+            return super().step_loss(x, targets, *view)
+
+    syn = Spy(bn_teacher, K, IMG, batch_size=4, iterations=12, lr=0.5, seed=3)
+    res = syn.synthesize()
+    best = min(range(len(res.losses)), key=lambda i: (res.losses[i], i))
+    assert best != len(res.losses) - 1 and res.losses[-1] > res.losses[best], res.losses
+    torch.testing.assert_close(res.images, syn.seen[best], rtol=0, atol=0)
+
+
 def test_deep_inversion_keeps_one_probe_paused_outside_batches(bn_teacher):
     from dfkd_fast.synthesis.deep_inversion import DeepInversion
 

@@ -40,11 +40,31 @@ def test_attack_respects_ball_box_and_normalization():
     assert torch.equal(a, b)
 
 
-def test_fooling_rate_counts_only_correct_predictions():
+def test_fooling_rate_counts_every_changed_prediction():
+    """The paper's fooling rate (Table 4): every sample whose prediction changed, correct or not, over all N.
+
+    At eps 0.1 some misclassified images change their (wrong) label, so this differs both from "changed among the
+    correct ones" and from "wrong after the attack" (1 - adversarial accuracy).
+    """
     model = tiny_model()
-    x, y = data(n=100)
-    r = robustness(model, x, y, "pgd", eps=0.0, steps=2)
-    assert r.fooling_rate == 0.0 and r.adversarial_acc == r.natural_acc
+    x, y = data(n=200)
+    eps = 0.1
+    xa = attack(model, x, y, "fgsm", eps)
+    with torch.no_grad():
+        p_clean, p_adv = model(x).argmax(1), model(xa).argmax(1)
+    changed, correct = p_adv != p_clean, p_clean == y
+    assert int((changed & ~correct).sum()) >= 1  # the definitions really differ at this eps
+    r = robustness(model, x, y, "fgsm", eps)
+    assert r.fooling_rate == pytest.approx(float(changed.float().mean()))
+    assert r.fooling_rate != pytest.approx(float((changed & correct).sum() / correct.sum()))
+    assert r.fooling_rate != pytest.approx(1.0 - r.adversarial_acc)
+    # on the misclassified images alone the rate is the fraction of them whose label changed (not nan, not 0)
+    wrong = ~correct
+    r_wrong = robustness(model, x[wrong], y[wrong], "fgsm", eps)
+    assert r_wrong.natural_acc == 0.0
+    assert r_wrong.fooling_rate == pytest.approx(float(changed[wrong].float().mean())) and r_wrong.fooling_rate > 0
+    r0 = robustness(model, x, y, "pgd", eps=0.0, steps=2)
+    assert r0.fooling_rate == 0.0 and r0.adversarial_acc == r0.natural_acc
 
 
 def test_adversarial_training_improves_pgd_accuracy():

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from dfkd_fast.models import build_model
-from dfkd_fast.transfer_set import TransferSet, TransferSetWriter, export_png, teacher_fingerprint
+from dfkd_fast.transfer_set import TransferSet, TransferSetWriter, add_to_manifest, export_png, teacher_fingerprint
+from dfkd_fast.transfer_set.manifest import write_manifest
 from dfkd_fast.viz import save_curves, save_grid
 
 META = {"method": "test", "hparams": {"lr": 0.1}}
@@ -210,7 +211,7 @@ def test_export_png_and_figures(tmp_path):
     assert n == 6
     pngs = sorted((tmp_path / "png").rglob("*.png"))
     assert len(pngs) == 6
-    assert {p.parent.name for p in pngs} == {str(int(c)) for c in s.argmax(1)}
+    assert {p.parent.name for p in pngs} == {f"{int(c):02d}" for c in s.argmax(1)}
     from PIL import Image
 
     im = Image.open(pngs[0])
@@ -252,7 +253,39 @@ def test_edited_manifest_is_refused(tmp_path, edit, match):
     man = json.loads(mpath.read_text())
     edit(man)
     mpath.write_text(json.dumps(man))
+    # a hand edit breaks the manifest's own checksum: refused with one line naming the file
+    with pytest.raises(ValueError, match="manifest.json does not match its manifest_sha256") as e:
+        TransferSet(tmp_path)
+    assert str(mpath) in str(e.value) and "\n" not in str(e.value)
+    # an edited manifest with a recomputed checksum (e.g. a buggy tool) still fails the shard-list checks
+    write_manifest(str(mpath), man)
     with pytest.raises(ValueError, match=match):
         TransferSet(tmp_path)
     with pytest.raises(ValueError, match=match):
-        TransferSet(tmp_path, verify=True)
+        TransferSet(tmp_path, verify=False)
+
+
+def test_manifest_checksum_refuses_any_edit(tmp_path):
+    """Edits the shard-list checks cannot see (a meta value, a shard's sha256, a deleted checksum field) are
+    refused by the manifest's checksum; add_to_manifest keeps it valid; format-1 manifests stay readable."""
+    w = TransferSetWriter(tmp_path, META, shard_size=4)
+    w.add(*batch(0), seed=0)
+    w.close()
+    mpath = tmp_path / "manifest.json"
+    add_to_manifest(str(mpath), {"summary": {"images": 5}})
+    good = json.loads(mpath.read_text())
+    assert good["format_version"] == 2 and len(good["manifest_sha256"]) == 64
+    assert TransferSet(tmp_path).manifest["summary"] == {"images": 5}
+    for edit in (lambda m: m["meta"].update(method="other"), lambda m: m["shards"][0].update(sha256="0" * 64),
+                 lambda m: m.pop("manifest_sha256"), lambda m: m.update(total=5.0)):
+        man = json.loads(json.dumps(good))
+        edit(man)
+        mpath.write_text(json.dumps(man))
+        with pytest.raises(ValueError, match=f"{mpath} does not match its manifest_sha256"):
+            TransferSet(tmp_path)
+    mpath.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{mpath} is not valid JSON"):
+        TransferSet(tmp_path)
+    old = {k: v for k, v in good.items() if k != "manifest_sha256"}
+    mpath.write_text(json.dumps(dict(old, format_version=1)))  # a format-1 set: no checksum to check
+    assert len(TransferSet(tmp_path)) == 5

@@ -23,7 +23,7 @@ class LeNet5(nn.Module):
         batch_norm: insert ``BatchNorm2d`` / ``BatchNorm1d`` before each ReLU (``lenet5_bn``).
 
     Shape:
-        x: (N, C, H, W) -> logits (N, K).
+        x: (N, C, H, W) -> logits (N, K); with ``return_features=True`` -> (logits, features (N, F)).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
@@ -51,9 +51,14 @@ class LeNet5(nn.Module):
         self.classifier = nn.Sequential(*dense(c2 * 25, f1), *dense(f1, f2))
         self.fc = nn.Linear(f2, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, K); with ``return_features=True`` also the penultimate features (N, fc[1]) (the input of
+        ``fc``), as the DataFree model zoo returns them: ``(logits, features)``."""
         x = self.pool(self.features(x))
-        return self.fc(self.classifier(torch.flatten(x, 1)))
+        feat = self.classifier(torch.flatten(x, 1))
+        out = self.fc(feat)
+        return (out, feat) if return_features else out
 
 
 def lenet5(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> LeNet5:

@@ -43,7 +43,7 @@ class ResNet(nn.Module):
         image_size: accepted for a uniform zoo signature; pooling is adaptive.
 
     Shape:
-        x: (N, C, H, W) -> logits (N, K).
+        x: (N, C, H, W) -> logits (N, K); with ``return_features=True`` -> (logits, features (N, F)).
     """
 
     def __init__(self, num_blocks: tuple[int, int, int, int], num_classes: int = 10, in_channels: int = 3,
@@ -68,10 +68,15 @@ class ResNet(nn.Module):
             self.in_planes = planes
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, K); with ``return_features=True`` also the pooled penultimate features (N, 512):
+        ``(logits, features)`` as in the DataFree model zoo."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.linear(torch.flatten(self.avgpool(out), 1))
+        feat = torch.flatten(self.avgpool(out), 1)
+        logits = self.linear(feat)
+        return (logits, feat) if return_features else logits
 
 
 def resnet8(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> ResNet:

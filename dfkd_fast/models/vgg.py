@@ -21,7 +21,7 @@ class VGG(nn.Module):
         image_size: accepted for a uniform zoo signature; pooling is adaptive.
 
     Shape:
-        x: (N, C, H, W) -> logits (N, K).
+        x: (N, C, H, W) -> logits (N, K); with ``return_features=True`` -> (logits, features (N, F)).
     """
 
     def __init__(self, cfg: tuple[int | str, ...] = _CFG_11, num_classes: int = 10, in_channels: int = 3,
@@ -42,8 +42,13 @@ class VGG(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+    def forward(self, x: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, K); with ``return_features=True`` also the pooled penultimate features (N, 512):
+        ``(logits, features)`` as in the DataFree model zoo."""
+        feat = torch.flatten(self.avgpool(self.features(x)), 1)
+        logits = self.classifier(feat)
+        return (logits, feat) if return_features else logits
 
 
 def vgg11_bn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> VGG:

@@ -45,7 +45,7 @@ class WideResNet(nn.Module):
         drop_rate: dropout inside blocks (0 in the DFKD papers).
 
     Shape:
-        x: (N, C, H, W) -> logits (N, K).
+        x: (N, C, H, W) -> logits (N, K); with ``return_features=True`` -> (logits, features (N, F)).
     """
 
     def __init__(self, depth: int, widen: int, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
@@ -75,10 +75,15 @@ class WideResNet(nn.Module):
         return nn.Sequential(*[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, drop_rate)
                                for i in range(n)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, K); with ``return_features=True`` also the pooled penultimate features (N, 64 k):
+        ``(logits, features)`` as in the DataFree model zoo."""
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = F.relu(self.bn1(out))
-        return self.fc(torch.flatten(self.avgpool(out), 1))
+        feat = torch.flatten(self.avgpool(out), 1)
+        logits = self.fc(feat)
+        return (logits, feat) if return_features else logits
 
 
 def wrn16_1(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> WideResNet:

@@ -290,7 +290,15 @@ class StatConstants:
         return self.running_mean.device
 
 
-_RUNNING_MESSAGES = (_checks.finite_message("running_means", _OP), _checks.finite_message("running_vars", _OP))
+_RUNNING_MESSAGES = (_checks.finite_message("running_means", _OP), _checks.finite_message("running_vars", _OP),
+                     f"{_OP}: 'running_vars' has a negative entry; a variance is >= 0: pass the running_var buffers "
+                     "of the teacher's BatchNorm layers (check the teacher's weights file)",
+                     f"{_OP}: 'weights' (the per-layer weights w_l) contains NaN or Inf; pass finite layer weights")
+
+
+def _constant_flags(rm: torch.Tensor, rv: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(4,) bool device flags, one per entry of ``_RUNNING_MESSAGES`` (no host read)."""
+    return torch.stack([torch.isfinite(rm).all(), torch.isfinite(rv).all(), (rv >= 0).all(), torch.isfinite(w).all()])
 
 
 def pack_stat_constants(channels: Sequence[int], running_means: Sequence[torch.Tensor],
@@ -328,14 +336,14 @@ def pack_stat_constants(channels: Sequence[int], running_means: Sequence[torch.T
     dev = torch.device(device) if device is not None else running_means[0].device
     rm = torch.cat([t.detach().reshape(-1).float().to(dev) for t in running_means])
     rv = torch.cat([t.detach().reshape(-1).float().to(dev) for t in running_vars])
-    if _checks.checks_enabled():
-        _checks.expect_each(torch.stack([torch.isfinite(t).all() for t in (rm, rv)]), _RUNNING_MESSAGES)
     if weights is None:
         w = torch.ones(n, device=dev, dtype=torch.float32)
     else:
         w = torch.as_tensor(weights, dtype=torch.float32).detach().to(dev).reshape(-1)
         if w.numel() != n:
             raise ValueError(f"{_OP}: weights must have one entry per layer ({n}), got {w.numel()}")
+    if _checks.checks_enabled():
+        _checks.expect_each(_constant_flags(rm, rv, w), _RUNNING_MESSAGES)
     starts = [0]
     for c in channels:
         starts.append(starts[-1] + c)
@@ -381,7 +389,7 @@ def _constants(channels: Sequence[int], running_means: Sequence[torch.Tensor], r
     consts = pack_stat_constants(channels, running_means, running_vars, weights, kind, device)
     ok = None
     if _checks.in_deferred() and _checks.checks_enabled():
-        ok = torch.stack([torch.isfinite(consts.running_mean).all(), torch.isfinite(consts.running_var).all()])
+        ok = _constant_flags(consts.running_mean, consts.running_var, consts.weights)
     _CONST_CACHE[key] = (tensors, consts, ok)
     while len(_CONST_CACHE) > _CACHE_SIZE:
         _CONST_CACHE.popitem(last=False)

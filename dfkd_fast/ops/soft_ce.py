@@ -192,7 +192,9 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tempe
     if chosen == "torch":
         _checks.check_finite(logits, "logits", op)
         _checks.check_finite(targets, "targets", op)
-        return soft_target_cross_entropy_ref(logits, targets, temperature, reduction)
+        loss = soft_target_cross_entropy_ref(logits, targets, temperature, reduction)
+        _check_loss(loss, "logits", "targets", op)  # finite inputs can still overflow (logits / T): as the fused paths
+        return loss
     return _fused_loss(_soft_ce_call, logits, targets, temperature, reduction, chosen, ("logits", "targets"), op)
 
 
@@ -222,6 +224,8 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     if chosen == "torch":
         _checks.check_finite(student_logits, "student_logits", op)
         _checks.check_finite(teacher_logits, "teacher_logits", op)
-        return kd_kl_div_ref(student_logits, teacher_logits, temperature, reduction)
+        loss = kd_kl_div_ref(student_logits, teacher_logits, temperature, reduction)
+        _check_loss(loss, "student_logits", "teacher_logits", op)  # overflow of logits / T, as the fused paths
+        return loss
     return _fused_loss(_kd_kl_call, student_logits, teacher_logits, temperature, reduction, chosen,
                        ("student_logits", "teacher_logits"), op)

@@ -1,6 +1,7 @@
 """Synthesis methods under one interface (``Synthesizer.synthesize(targets=None) -> SynthesisResult``)."""
 from dfkd_fast.synthesis.base import (  # noqa: F401
     BN_FREE_METHODS,
+    OPTION_ALIASES,
     REGISTRY,
     SynthesisConfig,
     SynthesisResult,
@@ -8,6 +9,7 @@ from dfkd_fast.synthesis.base import (  # noqa: F401
     build_synthesizer,
     list_methods,
     register,
+    resolve_config,
 )
 from dfkd_fast.synthesis.cmi import CMI  # noqa: E402,F401
 from dfkd_fast.synthesis.dafl import DAFL  # noqa: E402,F401

@@ -4,14 +4,33 @@ A method subclasses :class:`Synthesizer`, declares its hyper-parameters as a nes
 (published defaults, names DFKD researchers know: ``bn``, ``oh``, ``adv``, ``lr_g`` ...), implements
 ``_synthesize(targets)`` and, if it keeps state across batches (a meta generator, a memory bank, an
 optimizer), extends ``state_dict`` / ``load_state_dict`` so an interrupted run resumes exactly.
+
+Constructor signatures. Every subclass gets a real keyword signature (``inspect.signature(cls)``, ``help()``):
+``(teacher, num_classes, image_size, config=None, *, batch_size=64, ..., <its own keywords>, <every Config
+field with its default>)``, generated from the ``Config`` dataclass by :meth:`Synthesizer.__init_subclass__`.
+Hyper-parameters are checked against the field types (:func:`resolve_config`): a wrong value raises a
+one-line ``ValueError`` such as ``deep_inversion: lr must be a float > 0, got 'abc'``; numeric strings
+(``"1e-3"`` from YAML) and lists (for tuple fields) are converted.
+
+One name per concept, with aliases (:data:`OPTION_ALIASES`): the learning rate of what a method optimizes is
+``lr`` for the pixel methods and ``lr_g`` for the generator methods; either name is accepted by every method
+and mapped to the one its ``Config`` has. Likewise ``T`` <-> ``temperature``. Passing both spellings is an error.
+
+The teacher. While a synthesizer lives it holds its teacher in eval mode with every parameter's
+``requires_grad`` off (BN running statistics are the synthesis target and must not move). :meth:`Synthesizer.close`
+(or ``with``, or dropping the last synthesizer of that teacher) restores each submodule's ``training`` flag and
+each parameter's ``requires_grad`` as they were before the first synthesizer of that teacher was built (a flag
+the caller has changed back meanwhile is left as the caller set it).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import time
 import types
+import typing
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -90,14 +109,250 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+# ----------------------------------------------------------------------------- typed hyper-parameters
+#: Alternative spellings of one concept: a key a method's ``Config`` lacks is mapped to its partner when the
+#: ``Config`` has that one (``lr`` <-> ``lr_g``, ``temperature`` <-> ``T``).
+OPTION_ALIASES: dict[str, str] = {"lr": "lr_g", "lr_g": "lr", "temperature": "T", "T": "temperature"}
+
+#: Fields that must be > 0 (learning rates and temperatures) and integers that must be >= 1.
+_POSITIVE_FIELDS = ("lr", "lr_g", "lr_z", "lr_head", "temperature", "T", "cr_T")
+_AT_LEAST_ONE_FIELDS = ("iterations",)
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def canonical_option(config_cls: type, key: str) -> str:
+    """The ``Config`` field that option ``key`` names (``key`` itself, its alias, or ``key`` when neither)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    key = key.replace("-", "_")
+    if key not in names and OPTION_ALIASES.get(key) in names:
+        return OPTION_ALIASES[key]
+    return key
+
+
+def _field_hints(config_cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(config_cls)
+    if hints is None:
+        try:
+            hints = typing.get_type_hints(config_cls)
+        except Exception:  # an annotation that cannot be resolved: values of that Config are not type-checked
+            hints = {}
+        _HINTS[config_cls] = hints
+    return hints
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is float:
+        return "a float"
+    if tp is int:
+        return "an int"
+    if tp is bool:
+        return "a bool"
+    if tp is str:
+        return "a string"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_describe(args[0])})"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _describe(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """``value`` converted to annotation ``tp``; raises ``TypeError`` when it cannot be."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _coerce(value, a)
+            except TypeError:
+                continue
+        raise TypeError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise TypeError
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise TypeError from None
+        raise TypeError
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise TypeError from None
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if args and len(value) != len(args):
+            raise TypeError
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=False)) if args else tuple(value)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise TypeError
+    return value
+
+
+def resolve_config(method: str, config_cls: type, config: Any = None, overrides: dict[str, Any] | None = None
+                   ) -> Any:
+    """A checked ``config_cls`` instance: ``config`` (default: the defaults) with ``overrides`` applied.
+
+    Option names may use aliases (:data:`OPTION_ALIASES`) and hyphens. Every field is converted to its
+    annotated type (numeric strings, lists for tuples); learning rates and temperatures must be > 0 and
+    ``iterations`` >= 1.
+
+    Raises:
+        ValueError: one line naming ``method`` and the field: unknown name (lists the known ones), both an
+            option and its alias given, or a value of the wrong type / range.
+    """
+    cfg = config if config is not None else config_cls()
+    if not isinstance(cfg, config_cls):
+        raise ValueError(f"{method}: config must be a {config_cls.__name__}, got {type(cfg).__name__}")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    values: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in (overrides or {}).items():
+        name = canonical_option(config_cls, key)
+        if name not in known:
+            raise ValueError(f"{method}: unknown hyper-parameter(s) [{key!r}]; known: {sorted(known)}")
+        if name in given_as:
+            raise ValueError(f"{method}: {given_as[name]!r} and {key!r} name the same hyper-parameter "
+                             f"{name!r}; pass one of them")
+        given_as[name] = key
+        values[name] = value
+    hints = _field_hints(config_cls)
+    checked: dict[str, Any] = {}
+    for f in dataclasses.fields(config_cls):
+        value = values.get(f.name, getattr(cfg, f.name))
+        tp = hints.get(f.name, Any)
+        bound = (" > 0" if f.name in _POSITIVE_FIELDS else " >= 1" if f.name in _AT_LEAST_ONE_FIELDS else "")
+        try:
+            value = _coerce(value, tp)
+        except TypeError:
+            raise ValueError(f"{method}: {f.name} must be {_describe(tp)}{bound}, got {value!r}") from None
+        if bound == " > 0" and isinstance(value, (int, float)) and not value > 0:
+            raise ValueError(f"{method}: {f.name} must be {_describe(tp)} > 0, got {value!r}")
+        if bound == " >= 1" and isinstance(value, int) and value < 1:
+            raise ValueError(f"{method}: {f.name} must be {_describe(tp)} >= 1, got {value!r}")
+        checked[f.name] = value
+    return dataclasses.replace(cfg, **checked)
+
+
+# ----------------------------------------------------------------------------- generated signatures
+_Param = inspect.Parameter
+_VAR_KINDS = (_Param.VAR_POSITIONAL, _Param.VAR_KEYWORD)
+
+
+def _own_init_params(init: Any) -> list[inspect.Parameter]:
+    """Named parameters of an ``__init__`` (not ``self``, ``*args``, ``**kwargs``)."""
+    sig = inspect.signature(init)
+    return [p for p in list(sig.parameters.values())[1:] if p.kind not in _VAR_KINDS]
+
+
+def _constructor_signature(cls: type) -> inspect.Signature:
+    """``(teacher, num_classes, image_size, config=None, *, <keywords of every __init__ in the MRO>,
+    <Config fields with defaults>)``."""
+    params: list[inspect.Parameter] = []
+    seen: set[str] = set()
+    for klass in reversed(cls.__mro__):
+        for p in klass.__dict__.get("_init_params", ()):
+            if p.name in seen:
+                continue
+            seen.add(p.name)
+            if len(params) >= 4 and p.kind is not _Param.KEYWORD_ONLY:
+                p = p.replace(kind=_Param.KEYWORD_ONLY)
+            params.append(p)
+    for f in dataclasses.fields(cls.Config):
+        if f.name in seen:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else _Param.empty)
+        params.append(_Param(f.name, _Param.KEYWORD_ONLY, default=default, annotation=f.type))
+    return inspect.Signature(params, return_annotation=None)
+
+
+# ----------------------------------------------------------------------------- teacher state
+#: teacher -> [number of live synthesizers holding it, training flags, requires_grad flags] (before the first)
+_HELD_TEACHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hold_teacher(teacher: nn.Module) -> None:
+    """Eval mode and frozen parameters; the caller's flags are saved by the first holder."""
+    entry = _HELD_TEACHERS.get(teacher)
+    if entry is None:
+        entry = _HELD_TEACHERS[teacher] = [0, [m.training for m in teacher.modules()],
+                                           [p.requires_grad for p in teacher.parameters()]]
+    entry[0] += 1
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+
+def _release_teacher(teacher: nn.Module) -> None:
+    """Drop one hold; the last one restores the flags saved by :func:`_hold_teacher` (where still held)."""
+    entry = _HELD_TEACHERS.get(teacher)
+    if entry is None:
+        return
+    entry[0] -= 1
+    if entry[0] > 0:
+        return
+    del _HELD_TEACHERS[teacher]
+    # Undo only what is still in the held state (eval, frozen): a flag the caller has set back meanwhile stays.
+    modules, params = list(teacher.modules()), list(teacher.parameters())
+    if len(modules) == len(entry[1]):
+        for m, flag in zip(modules, entry[1], strict=True):
+            if not m.training:
+                m.training = flag
+    if len(params) == len(entry[2]):
+        for p, flag in zip(params, entry[2], strict=True):
+            if not p.requires_grad:
+                p.requires_grad_(flag)
+
+
 class Synthesizer:
     """Base class. Subclasses set ``Config`` and implement ``_synthesize``.
 
     Args:
-        teacher: trained classifier; put in eval mode, its parameters frozen.
+        teacher: trained classifier; held in eval mode with frozen parameters while the synthesizer lives,
+            the caller's flags restored by :meth:`close` / when the last synthesizer of it is dropped.
         num_classes: K; checked against the teacher's output width.
         image_size: (C, H, W) of the teacher's input.
-        config: a ``Config`` instance; keyword ``overrides`` replace its fields.
+        config: a ``Config`` instance; keyword ``overrides`` (its field names, or their aliases ``lr`` /
+            ``lr_g``, ``T`` / ``temperature``) replace its fields; values are type-checked.
         batch_size: images per ``synthesize`` call.
         mean, std: the teacher's input normalization (per channel); images are synthesized in [0, 1].
         device: defaults to the teacher's device.
@@ -114,6 +369,24 @@ class Synthesizer:
     Config: ClassVar[type[SynthesisConfig]] = SynthesisConfig
     needs_bn: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give ``cls`` (and its ``__init__``) the generated keyword signature (see the module docstring)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:  # an __init__ of its own, so that help(cls.__init__) shows this class's options
+            def __init__(self: Any, *args: Any, **kw: Any) -> None:
+                super(cls, self).__init__(*args, **kw)
+
+            __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+            cls.__init__ = init = __init__  # type: ignore[misc]
+            cls._init_params = ()
+        else:
+            cls._init_params = tuple(_own_init_params(init))
+        sig = _constructor_signature(cls)
+        cls.__signature__ = sig
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        init.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+
     def __init__(self, teacher: nn.Module, num_classes: int, image_size: Sequence[int],
                  config: SynthesisConfig | None = None, *, batch_size: int = 64,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -124,23 +397,18 @@ class Synthesizer:
             raise ValueError(f"image_size must be (C, H, W), got {tuple(image_size)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        cfg = config if config is not None else self.Config()
-        if not isinstance(cfg, self.Config):
-            raise ValueError(f"{type(self).__name__}: config must be a {self.Config.__name__}")
-        known = {f.name for f in dataclasses.fields(cfg)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"{self.name}: unknown hyper-parameter(s) {sorted(unknown)}; known: {sorted(known)}")
-        self.config = dataclasses.replace(cfg, **overrides)
+        self.config = resolve_config(self.name, self.Config, config, overrides)
         if compile not in COMPILE_MODES:
             raise ValueError(f"{self.name}: compile must be one of {COMPILE_MODES}, got {compile!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"{self.name}: precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         self.compile_mode = compile
         self.precision = precision
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        if not isinstance(teacher, nn.Module):
+            raise ValueError(f"{self.name}: teacher must be an nn.Module, got {type(teacher).__name__}")
+        _hold_teacher(teacher)  # eval + frozen while this synthesizer lives; the caller's flags come back after
+        self._teacher_release = weakref.finalize(self, _release_teacher, teacher)
+        self.teacher = teacher
         self.device = torch.device(device) if device is not None else _module_device(teacher)
         self.num_classes = int(num_classes)
         self.image_size = tuple(int(s) for s in image_size)
@@ -160,6 +428,24 @@ class Synthesizer:
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.batches_done = 0
         self._check_num_classes()
+
+    # ----- lifetime -----
+    def close(self) -> None:
+        """Remove this synthesizer's hooks from the teacher and give the teacher back: once no other
+        synthesizer holds it, every submodule's ``training`` flag and every parameter's ``requires_grad`` are
+        as before the first one was built. Idempotent; the synthesizer cannot synthesize afterwards."""
+        for probe in self.__dict__.get("_probes", ()):
+            probe.remove()
+        release = self.__dict__.get("_teacher_release")
+        if release is not None:
+            release()
+        self._closed = True
+
+    def __enter__(self) -> Synthesizer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ----- helpers for subclasses -----
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,6 +549,8 @@ class Synthesizer:
     # ----- interface -----
     def synthesize(self, targets: torch.Tensor | None = None) -> SynthesisResult:
         """Synthesize one batch of ``batch_size`` images (for ``targets`` when given)."""
+        if self.__dict__.get("_closed"):
+            raise ValueError(f"{self.name}: this synthesizer was closed; build a new one to synthesize")
         if targets is not None:
             targets = torch.as_tensor(targets, device=self.device)
             if targets.dim() == 1 and targets.numel() and bool(((targets < 0) | (targets >= self.num_classes)).any()):
@@ -336,6 +624,9 @@ class Synthesizer:
 
 
 _P = Any
+
+Synthesizer._init_params = tuple(_own_init_params(Synthesizer.__init__))
+Synthesizer.__signature__ = _constructor_signature(Synthesizer)
 
 
 def _private_code(fn: Any) -> Any:

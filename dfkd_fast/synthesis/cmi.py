@@ -15,6 +15,11 @@ instance features (spatial means of the BN inputs) and L_cr the InfoNCE of
 :func:`dfkd_fast.contrast.cmi_contrastive_loss` at temperature ``cr_T`` against ``n_neg`` entries of the
 memory bank B. The projection head h persists across batches with its own Adam. The lowest-loss images of
 the batch are returned and their (local, global) features pushed into the bank.
+
+Online schedule (``dfkd-fast distill --online --method cmi``, as in the authors' ``datafree_kd.py``): each
+epoch runs ``ep_steps // kd_steps`` rounds of one synthesized batch (kept in the on-device uint8 pool, every
+batch kept) followed by ``kd_steps`` student KD steps on batches sampled uniformly from the whole pool with
+on-device augmentation; the ``--warmup`` epochs only synthesize (no adversarial term, no KD).
 """
 from __future__ import annotations
 
@@ -233,7 +238,7 @@ class CMI(GeneratorSynthesizer):
         opt = torch.optim.Adam([{"params": self.netG.parameters()}, {"params": [z]}], lr=cfg.lr_g,
                                betas=tuple(cfg.betas))
         params = [*self.netG.parameters(), z, *self.head.parameters()]
-        use_adv = cfg.adv != 0 and bool(self.students)
+        use_adv = cfg.adv != 0 and self.use_adversarial
         # while the bank holds fewer than n_neg entries the negatives change shape every batch: those batches run
         # the step eagerly instead of recompiling it for each size (compile="off" is eager anyway)
         steady = cfg.cr == 0 or cfg.n_neg == 0 or len(self.bank) >= cfg.n_neg

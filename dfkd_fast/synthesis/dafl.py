@@ -9,7 +9,12 @@ the teacher T finds its images "real": confident (one-hot), strongly activated, 
 
 with f_T the teacher's penultimate features (input of its final ``nn.Linear``) and H_10 the entropy in
 base 10, as in the published code (so ``ie`` keeps its published scale). Works on teachers without
-BatchNorm. The student is trained by KD on the returned batch (``dfkd_fast.tasks.distill``).
+BatchNorm.
+
+Online schedule (``dfkd-fast distill --online --method dafl``, as in the paper's Algorithm 1): per student
+step, one generator step (``iterations`` = 1) and then one student KD step on a *fresh* batch drawn from
+the updated generator (:meth:`~dfkd_fast.synthesis.generator_base.PersistentGeneratorSynthesizer.sample`);
+no replay pool.
 """
 from __future__ import annotations
 

@@ -12,6 +12,10 @@ A generator trained across ``synthesize`` calls (fresh z ~ N(0, I) per step) min
 :func:`dfkd_fast.ops.bn_stat_loss`; per-sample entropy small = confident, entropy of the batch-mean
 prediction large = balanced; adversarial to the student ensemble S when ``student`` is a module or an
 ``nn.ModuleList``). Needs BatchNorm layers in the teacher.
+
+Online schedule (``dfkd-fast distill --online --method dfq``): per iteration one generator step on the loss
+above (adversarial over the student(s) being distilled), then one student KD step on a *fresh* batch drawn
+from the updated generator; no replay pool. The online ``--warmup`` epochs leave the adversarial term out.
 """
 from __future__ import annotations
 
@@ -67,6 +71,6 @@ class DFQ(PersistentGeneratorSynthesizer):
             loss = loss + cfg.oh * mean_entropy(t_logits)
         if cfg.ie != 0:
             loss = loss - cfg.ie * information_entropy(F.softmax(t_logits, dim=1))
-        if cfg.adv != 0 and self.students:
+        if cfg.adv != 0 and self.use_adversarial:
             loss = loss + cfg.adv * self.adversarial_loss(xn, t_logits, "kl", cfg.T)
         return loss, t_logits

@@ -17,6 +17,16 @@ update with a persistent Adam of lr = lr_g * g_steps:
 - ``meta="reptile"``: grad_theta = theta - theta' (the inner displacement).
 
 After each batch the BN moving averages are updated from the last inner step's statistics.
+
+As in the published Fast-Datafree scripts (``--reset_l0 1 --reset_bn 0``), before batch number
+``warmup + reset_after`` (counted from 0; the scripts: 120 epochs after the 20 warm-up epochs, one batch per
+epoch) the meta generator's first layer (``l1.0``, the latent Linear) is re-initialized once, N(0, 0.02)
+weights and zero bias (``reset_l0``), and with ``reset_bn`` its BatchNorm affine parameters N(1, 0.02) / 0.
+
+Online schedule (``dfkd-fast distill --online --method fast_meta``, the authors' ``datafree_kd.py``): each
+epoch runs ``ep_steps // kd_steps`` rounds of one synthesized batch (kept in the on-device uint8 pool) and
+``kd_steps`` student KD steps on augmented batches sampled from the whole pool. The first ``--warmup`` epochs
+only synthesize: no adversarial term and no KD (the driver sets ``warmup`` to those batches, one setting).
 """
 from __future__ import annotations
 
@@ -62,9 +72,13 @@ class FastMeta(GeneratorSynthesizer):
             betas: Adam betas (0.5, 0.999) for inner and meta optimizers.
             bn, oh, adv: loss weights (10, 0.5, 1.0; the paper uses oh 0.4-0.5, adv 1-1.33). T: adv KL temperature.
             bn_mmt: rate of the BN-statistics moving average (0.9; 0 disables the blend).
-            warmup: batches without the adversarial term (20, the paper's warm-up epochs at one batch each).
+            warmup: batches without the adversarial term (20, the paper's warm-up epochs at one batch each;
+                online, the driver's warm-up sets it).
             meta: "fomaml" (first-order MAML) or "reptile".
             padding: crop padding of the augmentation (4).
+            reset_l0: re-initialize the meta generator's first layer once, before batch ``warmup + reset_after``.
+            reset_bn: re-initialize its BatchNorm affine parameters at the same point (published: off).
+            reset_after: batches after the warm-up at which the resets happen (120).
         """
 
         iterations: int = 5
@@ -81,6 +95,9 @@ class FastMeta(GeneratorSynthesizer):
         warmup: int = 20
         meta: str = "fomaml"
         padding: int = 4
+        reset_l0: bool = True
+        reset_bn: bool = False
+        reset_after: int = 120
 
         @property
         def g_steps(self) -> int:
@@ -125,6 +142,27 @@ class FastMeta(GeneratorSynthesizer):
             raise ValueError(f"fast_meta: bn_mmt must be in [0, 1), got {cfg.bn_mmt}")
         if cfg.T <= 0:
             raise ValueError(f"fast_meta: T must be > 0, got {cfg.T}")
+        if cfg.warmup < 0 or cfg.reset_after < 0:
+            raise ValueError(f"fast_meta: warmup and reset_after must be >= 0, got {cfg.warmup}, {cfg.reset_after}")
+
+    def reset_layers(self) -> None:
+        """The published ``reset_l0`` / ``reset_bn`` of the meta generator: first layer (``l1.0``) weight
+        ~ N(0, 0.02), bias 0; with ``reset_bn`` every BatchNorm weight ~ N(1, 0.02), bias 0. Drawn from a
+        generator seeded by (``seed``, ``batches_done``), so every rank of a multi-process run draws the same
+        values and the meta generator stays one model; the meta Adam's state is kept (as in the published code)."""
+        cfg = self.config
+        rng = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.batches_done)
+        with torch.no_grad():
+            if cfg.reset_l0:
+                first = self.netG.l1[0]
+                torch.nn.init.normal_(first.weight, 0.0, 0.02, generator=rng)
+                if first.bias is not None:
+                    first.bias.zero_()
+            if cfg.reset_bn:
+                for m in self.netG.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                        torch.nn.init.normal_(m.weight, 1.0, 0.02, generator=rng)
+                        m.bias.zero_()
 
     @property
     def probe_momentum(self) -> float:
@@ -148,6 +186,8 @@ class FastMeta(GeneratorSynthesizer):
         cfg = self.config
         targets = self.default_targets() if targets is None else targets
         targets = check_targets(targets, self.batch_size, self.num_classes, self.name)
+        if (cfg.reset_l0 or cfg.reset_bn) and self.batches_done == cfg.warmup + cfg.reset_after:
+            self.reset_layers()
         with torch.no_grad():  # theta' <- theta (parameters and generator BN buffers)
             torch._foreach_copy_(self._fast_tensors, self._meta_tensors)
         fast_params = self._fast_params
@@ -157,7 +197,7 @@ class FastMeta(GeneratorSynthesizer):
         inner = [*fast_params, z]
         n_fast = len(fast_params)
         meta_grads = None
-        use_adv = cfg.adv != 0 and bool(self.students) and self.batches_done >= cfg.warmup
+        use_adv = cfg.adv != 0 and self.use_adversarial and self.batches_done >= cfg.warmup
         step = self.step_function()
         tracker = BestTracker()
         with self.batch():

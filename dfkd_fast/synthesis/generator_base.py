@@ -63,9 +63,15 @@ class GeneratorSynthesizer(Synthesizer):
 
     generator_kind: ClassVar[str] = "cmi"
     probe_kind: ClassVar[str | None] = None
+    #: how online distillation (:func:`dfkd_fast.tasks.distill.distill_online`) drives the method: ``"pool"``
+    #: (every batch joins a replay pool the student samples; CMI, FastDFKD) or ``"fresh"`` (every student step
+    #: draws a fresh batch from the current generator; DAFL, ZSKT, DFQ).
+    online_schedule: ClassVar[str] = "pool"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: set by the online driver during its warm-up: the adversarial term is left out of every loss
+        self.adversarial_paused = False
         self._validate_config()
         _ = self.students  # validate
         self.probe: TeacherProbe | None = None
@@ -84,6 +90,11 @@ class GeneratorSynthesizer(Synthesizer):
     def probe_momentum(self) -> float:
         """Rate of the probe's FastDFKD moving averages (0: no blend)."""
         return 0.0
+
+    @property
+    def use_adversarial(self) -> bool:
+        """Whether the adversarial term is on: a student is set and the online warm-up is over."""
+        return not self.adversarial_paused and bool(self.students)
 
     @property
     def students(self) -> list[nn.Module]:
@@ -193,10 +204,16 @@ class PersistentGeneratorSynthesizer(GeneratorSynthesizer):
     Each call runs ``iterations`` generator updates, each on a fresh latent batch z ~ N(0, I), and returns
     the images of the last update (the batch the reported loss was computed on) with the teacher's
     logits and argmax labels as targets. Subclasses implement :meth:`_generator_loss`; the Config must
-    have ``nz``, ``ngf``, ``lr_g`` and ``betas``.
+    have ``nz``, ``ngf``, ``lr_g`` and ``betas``; an optional ``clip`` > 0 clips the generator's gradient
+    norm before each Adam step (ZSKT).
+
+    Online (:attr:`online_schedule` ``"fresh"``): the student never replays old batches; each student step
+    trains on :meth:`sample` (a fresh z through the current generator), and the generator takes one
+    ``synthesize`` call every ``n_s`` student steps (``Config.n_s``, 1 when absent).
     """
 
     generator_kind = "dcgan"
+    online_schedule = "fresh"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -229,11 +246,21 @@ class PersistentGeneratorSynthesizer(GeneratorSynthesizer):
                 z = self.randn(self.batch_size, cfg.nz)
                 loss, x, t_logits, grads = step(z)
                 set_grads(self._params, grads)
+                if getattr(cfg, "clip", 0) > 0:
+                    torch.nn.utils.clip_grad_norm_(self._params, cfg.clip)
                 self.opt_g.step()
                 tracker.update(loss)
         losses = self.finish(tracker)
         return SynthesisResult(images=x.clamp(0, 1), targets=t_logits.argmax(1), teacher_logits=t_logits,
                                losses=losses, seconds=0.0)
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None) -> torch.Tensor:
+        """A fresh batch from the current generator: z ~ N(0, I) from this synthesizer's ``torch.Generator``,
+        ``netG(z)`` (train mode, as in the papers' student loops), no gradient. Shape: -> (n, C, H, W) in [0, 1].
+        """
+        z = self.randn(self.batch_size if n is None else int(n), self.config.nz)
+        return self.generate(self.netG, z).clamp(0, 1)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

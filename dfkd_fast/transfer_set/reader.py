@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import bisect
-import json
+import hashlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from dfkd_fast.transfer_set.manifest import FORMAT, sha256_file
+from dfkd_fast.transfer_set.manifest import FORMAT, LOGITS_KEY, logits_key, read_manifest, sha256_file
 
 __all__ = ["TransferSet"]
 
@@ -17,60 +18,101 @@ __all__ = ["TransferSet"]
 class TransferSet(Dataset):
     """A written transfer set as a ``torch.utils.data.Dataset`` (reads ``manifest.json``, never rescans).
 
-    Items are ``(image float32 (C, H, W) in [0, 1], soft_label float32 (K,), target)`` where target is an
-    int64 scalar or a float32 (K,) soft target. Shards are loaded on first use and kept in memory.
+    Items are ``(image, teacher_logits float32 (K,), target)``: image float32 (C, H, W) in [0, 1] (or
+    ``transform(image)``), target an int64 scalar or a float32 (K,) soft target. Shards are loaded on first use
+    and kept in memory.
+
+    Integrity: the manifest's own checksum (``manifest_sha256``) is checked when it is opened. By default each
+    shard is checked once, when it is first read: its sha256 against the manifest (one pass over bytes that
+    are read anyway) and its logits (and fp16 images) finite; a bad shard raises ``ValueError`` naming the file.
 
     Args:
         path: the transfer-set directory.
-        verify: check every shard's sha256 against the manifest now (``ValueError`` naming a corrupted shard).
+        verify: ``None`` (default): check each shard when first read; ``True``: also check every shard's
+            sha256 now; ``False``: no shard checks (the manifest checksum is still checked).
+        transform: optional callable applied to each image in ``__getitem__`` (e.g. an augmentation); the
+            bulk accessors (:meth:`images` ...) return the stored images untransformed.
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, verify: bool | None = None,
+                 transform: Callable[[torch.Tensor], Any] | None = None) -> None:
         self.path = os.path.abspath(os.fspath(path))
         mpath = os.path.join(self.path, "manifest.json")
         if not os.path.isfile(mpath):
             raise FileNotFoundError(f"TransferSet: {mpath} not found; finish the run (writer.close(), or resume "
                                     "it with TransferSetWriter(..., resume=True) and close) first")
-        with open(mpath) as f:
-            self.manifest: dict[str, Any] = json.load(f)
+        if transform is not None and not callable(transform):
+            raise ValueError(f"TransferSet: transform must be callable, got {type(transform).__name__}")
+        self.manifest: dict[str, Any] = read_manifest(mpath)
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"TransferSet: {mpath} is not a {FORMAT} manifest")
         self.meta: dict[str, Any] = self.manifest.get("meta", {})
         self.soft_kind: str = self.manifest.get("soft_kind", "logits")
+        self.transform = transform
+        self._check = verify is not False
         self._shards: list[dict[str, Any]] = self.manifest["shards"]
         _check_shard_list(self._shards, int(self.manifest["total"]), mpath)
         self._starts = [s["start"] for s in self._shards]
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._verified: set[int] = set()
         if verify:
             self.verify()
 
+    def _file(self, j: int) -> str:
+        return os.path.join(self.path, self._shards[j]["file"])
+
     def verify(self) -> None:
-        """Check every shard's existence and sha256; raise naming the first bad shard."""
-        for s in self._shards:
-            p = os.path.join(self.path, s["file"])
+        """Check every shard's existence and sha256 now; raise naming the first bad shard."""
+        for j in range(len(self._shards)):
+            if j in self._verified:
+                continue
+            p = self._file(j)
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"TransferSet: shard {s['file']} listed in the manifest is missing")
-            if sha256_file(p) != s["sha256"]:
-                raise ValueError(f"TransferSet: shard {s['file']} is corrupted (sha256 does not match the manifest)")
+                raise FileNotFoundError(f"TransferSet: shard {p} listed in the manifest is missing")
+            self._check_digest(j, sha256_file(p))
+
+    def _check_digest(self, j: int, digest: str) -> None:
+        if digest != self._shards[j].get("sha256"):
+            raise ValueError(f"TransferSet: shard {self._file(j)} is corrupted (sha256 does not match the manifest);"
+                             " restore it or synthesize the set again")
+        self._verified.add(j)
 
     def __len__(self) -> int:
         return int(self.manifest["total"])
 
     def _shard(self, j: int) -> dict[str, torch.Tensor]:
+        """Shard j's tensors, logits under ``teacher_logits`` (read, checked and cached on first use)."""
         if j not in self._cache:
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            p = os.path.join(self.path, self._shards[j]["file"])
+            p = self._file(j)
             try:
-                data = load_file(p)
+                with open(p, "rb") as f:
+                    raw = f.read()
             except FileNotFoundError:
-                raise
+                raise FileNotFoundError(f"TransferSet: shard {p} listed in the manifest is missing") from None
+            if self._check and j not in self._verified:
+                self._check_digest(j, hashlib.sha256(raw).hexdigest())
+            try:
+                data = load(raw)
             except Exception as e:  # a damaged file: name it
-                raise ValueError(f"TransferSet: cannot read shard {self._shards[j]['file']} ({e}); "
-                                 "run TransferSet(path, verify=True) to check all shards") from e
+                raise ValueError(f"TransferSet: cannot read shard {p} ({e}); restore it or synthesize the set "
+                                 "again") from e
+            missing = [k for k in ("images", "targets") if k not in data]
+            key = logits_key(data)
+            if missing or key not in data:
+                raise ValueError(f"TransferSet: shard {p} lacks {missing or [LOGITS_KEY]}; it is not a shard of "
+                                 "a dfkd_fast transfer set")
+            data[LOGITS_KEY] = data.pop(key)
             if data["images"].shape[0] != self._shards[j]["count"]:
-                raise ValueError(f"TransferSet: shard {self._shards[j]['file']} holds {data['images'].shape[0]} "
-                                 f"images, the manifest says {self._shards[j]['count']}")
+                raise ValueError(f"TransferSet: shard {p} holds {data['images'].shape[0]} images, the manifest "
+                                 f"says {self._shards[j]['count']}")
+            if self._check:
+                for what, key in (("teacher logits", LOGITS_KEY), ("images", "images")):
+                    t = data[key]
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"TransferSet: shard {p} holds NaN or Inf {what}; restore it or "
+                                         "synthesize the set again")
             self._cache[j] = data
         return self._cache[j]
 
@@ -78,7 +120,7 @@ class TransferSet(Dataset):
     def _to_float(img: torch.Tensor) -> torch.Tensor:
         return img.float().div_(255.0) if img.dtype == torch.uint8 else img.float()
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
         n = len(self)
         if i < 0:
             i += n
@@ -87,18 +129,25 @@ class TransferSet(Dataset):
         j = bisect.bisect_right(self._starts, i) - 1
         d = self._shard(j)
         k = i - self._starts[j]
-        return self._to_float(d["images"][k]), d["soft_labels"][k].float(), d["targets"][k]
+        img = self._to_float(d["images"][k])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, d[LOGITS_KEY][k].float(), d["targets"][k]
 
     def _all(self, key: str) -> torch.Tensor:
         return torch.cat([self._shard(j)[key] for j in range(len(self._shards))])
 
     def images(self) -> torch.Tensor:
-        """All images, float32 (N, C, H, W) in [0, 1]."""
+        """All images, float32 (N, C, H, W) in [0, 1] (``transform`` is not applied)."""
         return self._to_float(self._all("images"))
 
+    def teacher_logits(self) -> torch.Tensor:
+        """All teacher logits, float32 (N, K) (probabilities if ``soft_kind == "probs"``)."""
+        return self._all(LOGITS_KEY).float()
+
     def soft_labels(self) -> torch.Tensor:
-        """All soft labels, float32 (N, K) (logits or probabilities: see ``soft_kind``)."""
-        return self._all("soft_labels").float()
+        """Old name of :meth:`teacher_logits`."""
+        return self.teacher_logits()
 
     def targets(self) -> torch.Tensor:
         """All targets, (N,) int64 or (N, K) float32."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,17 +19,40 @@ from dfkd_fast import comm
 from dfkd_fast.transfer_set.manifest import (
     FORMAT,
     FORMAT_VERSION,
+    LOGITS_KEY,
     _atomic_write_bytes,
     _atomic_write_json,
     _fsync_dir,
     _jsonable,
+    _read_json,
     _versions,
     finalize_manifest,
+    logits_key,
     sha256_file,
     teacher_fingerprint,
 )
 
-__all__ = ["TransferSetWriter", "write_tensors"]
+__all__ = ["TransferSetWriter", "write_tensors", "kill_point", "KILL_ENV"]
+
+#: Test hook: ``DFKD_FAST_TEST_KILL_AT=<point>[@<n>]`` SIGKILLs this process the n-th time (default 1st) it passes
+#: the named point. Points: ``shard-written`` (shard file in place, no state, no journal line), ``state-written``
+#: (state saved with the shard, journal line not yet written), ``shard-committed`` (journal line written).
+KILL_ENV = "DFKD_FAST_TEST_KILL_AT"
+_UNSET: Any = object()
+_passes: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process here if ``$DFKD_FAST_TEST_KILL_AT`` names this point (and pass count); else no-op."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    point, _, nth = spec.partition("@")
+    if point != name:
+        return
+    _passes[name] = _passes.get(name, 0) + 1
+    if _passes[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TransferSetWriter:
@@ -91,10 +115,9 @@ class TransferSetWriter:
         existing = self._my_files()
         if resume:
             if os.path.isfile(meta_path):
-                with open(meta_path) as f:
-                    old = json.load(f)
+                old = _read_json(meta_path)
                 diff = sorted(k for k in set(old) | set(info)
-                              if k not in ("created", "versions") and old.get(k) != info.get(k))
+                              if k not in ("created", "versions", "format_version") and old.get(k) != info.get(k))
                 if diff:
                     raise ValueError(f"TransferSetWriter: resume=True but {meta_path} differs in {diff}; resume with "
                                      "the same meta / store / shard_size, or write to a new out_dir")
@@ -131,6 +154,9 @@ class TransferSetWriter:
         if os.path.isfile(self._state_path):
             saved = self._load_state_file()
             n_state = int(saved["num_shards"])
+            if n_state == len(entries) + 1 and self._pending_ok(saved.get("pending"), len(entries)):
+                entries.append(dict(saved["pending"]))  # killed between the state save and the journal line
+                self._rewrite_journal(entries)
             if n_state > len(entries):
                 raise ValueError(f"TransferSetWriter: {self._state_path} covers {n_state} shards but the journal "
                                  f"has {len(entries)}; the journal was damaged, start a new transfer set")
@@ -151,8 +177,18 @@ class TransferSetWriter:
             from safetensors import safe_open
 
             with safe_open(first, framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()[1:]) for k in ("images", "soft_labels", "targets")}
-            self._layout = {"images": shapes["images"], "K": shapes["soft_labels"][0], "targets": shapes["targets"]}
+                lk = logits_key(f.keys())
+                shapes = {k: tuple(f.get_slice(k).get_shape()[1:]) for k in ("images", lk, "targets")}
+            self._layout = {"images": shapes["images"], "K": shapes[lk][0], "targets": shapes["targets"]}
+
+    def _pending_ok(self, pending: Any, index: int) -> bool:
+        """Whether the state's pending shard record (saved just before its journal line) is shard ``index`` and
+        its file is intact: then the shard is committed now instead of being regenerated."""
+        if not isinstance(pending, dict) or pending.get("index") != index:
+            return False
+        p = os.path.join(self.out_dir, str(pending.get("file", "")))
+        return (pending.get("file") == f"shard-{self.rank:03d}-{index:06d}.safetensors" and os.path.isfile(p)
+                and sha256_file(p) == pending.get("sha256"))
 
     def _read_journal(self) -> list[dict[str, Any]]:
         if not os.path.isfile(self._journal):
@@ -207,8 +243,12 @@ class TransferSetWriter:
         return [dict(e) for e in self._entries]
 
     def add(self, images: torch.Tensor, soft_labels: torch.Tensor, targets: torch.Tensor | None = None,
-            seed: int = 0) -> None:
+            seed: int = 0, state: Any = _UNSET) -> None:
         """Buffer a batch and commit every full shard.
+
+        With ``state`` given, the whole buffer is committed now (a short shard if needed) and ``state`` is saved
+        *with* the last shard -- after its file, before its journal line -- so a committed shard always has the
+        state that follows it (same as ``writer.state = state`` after ``add``, but crash-safe in between).
 
         Args:
             images: (N, C, H, W) float in [0, 1] (clamped; stored as round(255 x) for ``store="uint8"``).
@@ -216,6 +256,7 @@ class TransferSetWriter:
             targets: (N,) int64 hard targets, (N, K) soft targets used in synthesis, or None (argmax of
                 soft_labels is stored).
             seed: the seed that produced this batch (stored per image).
+            state: synthesizer state to save with the commit (see :attr:`state`).
         """
         if self._closed:
             raise ValueError("TransferSetWriter.add: the writer is closed")
@@ -246,22 +287,37 @@ class TransferSetWriter:
         img = (images.clamp(0, 1).mul(255).round().to(torch.uint8) if self.store == "uint8"
                else images.clamp(0, 1).to(torch.float16))
         self._buf.append({"images": img.contiguous(),
-                          "soft_labels": soft.to(torch.float16 if self.soft_dtype == "fp16" else torch.float32),
+                          LOGITS_KEY: soft.to(torch.float16 if self.soft_dtype == "fp16" else torch.float32),
                           "targets": tgt.contiguous(), "seeds": torch.full((n,), int(seed), dtype=torch.int64)})
         self._buffered += n
-        self.flush(partial=False)
+        if state is _UNSET:
+            self.flush(partial=False)
+        else:
+            self.flush(partial=True, state=state)
 
-    def flush(self, partial: bool = True) -> None:
-        """Commit full shards from the buffer; with ``partial=True`` also the remainder as a short shard."""
-        while self._buffered >= self.shard_size or (partial and self._buffered > 0):
+    def flush(self, partial: bool = True, state: Any = _UNSET) -> None:
+        """Commit full shards from the buffer; with ``partial=True`` also the remainder as a short shard.
+        ``state`` (if given) is saved with the last shard committed, or alone when nothing is buffered."""
+        bounds: list[tuple[int, int]] = []
+        pos = 0
+        while self._buffered - pos >= self.shard_size or (partial and self._buffered > pos):
+            take = min(self.shard_size, self._buffered - pos)
+            bounds.append((pos, pos + take))
+            pos += take
+        if bounds:
             cat = {k: torch.cat([b[k] for b in self._buf]) for k in self._buf[0]}
-            take = min(self.shard_size, self._buffered)
-            self._commit({k: v[:take].contiguous() for k, v in cat.items()})
-            rest = {k: v[take:].contiguous() for k, v in cat.items()}
-            self._buffered -= take
-            self._buf = [rest] if self._buffered else []
+            for i, (lo, hi) in enumerate(bounds):
+                self._commit({k: v[lo:hi].contiguous() for k, v in cat.items()},
+                             state if i == len(bounds) - 1 else _UNSET)
+                self._buffered -= hi - lo
+                self._buf = [{k: v[hi:] for k, v in cat.items()}] if self._buffered else []
+        elif state is not _UNSET:
+            self._save_state(state, None)
 
-    def _commit(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _commit(self, tensors: dict[str, torch.Tensor], state: Any = _UNSET) -> None:
+        """Shard file (temp + fsync + rename), then ``state`` if given (recording this shard as ``pending``), then
+        the journal line: the commit point. A crash before the journal line leaves the shard uncommitted (resume
+        deletes it), unless the state naming it was saved, in which case resume commits it."""
         from safetensors.torch import save_file
 
         index = len(self._entries)
@@ -269,20 +325,48 @@ class TransferSetWriter:
         path = os.path.join(self.out_dir, name)
         tmp = path + ".tmp"
         count = int(tensors["images"].shape[0])
-        save_file(tensors, tmp, metadata={"format": FORMAT, "rank": str(self.rank), "index": str(index),
-                                          "count": str(count), "store": self.store})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            save_file(tensors, tmp, metadata={"format": FORMAT, "rank": str(self.rank), "index": str(index),
+                                              "count": str(count), "store": self.store})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as e:  # disk full surfaces as SafetensorError: report it as the OSError it is
+            _remove_quietly(tmp)
+            raise OSError(f"cannot write shard {tmp} ({type(e).__name__}: {e}); free disk space in "
+                          f"{self.out_dir} and resume") from e
         digest = sha256_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(self.out_dir)
+        kill_point("shard-written")
         entry = {"index": index, "file": name, "count": count, "sha256": digest, "start": self.num_committed,
                  "rank": self.rank}
+        if state is not _UNSET:
+            self._save_state(state, entry)
+            kill_point("state-written")
         with open(self._journal, "ab") as f:
             f.write((json.dumps(entry, sort_keys=True) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
         self._entries.append(entry)
+        kill_point("shard-committed")
+
+    def _save_state(self, value: Any, pending: dict[str, Any] | None) -> None:
+        """Save ``value`` atomically as the state after the committed shards (plus ``pending``, if given)."""
+        n_shards = len(self._entries) + (pending is not None)
+        n_images = self.num_committed + (int(pending["count"]) if pending is not None else 0)
+        payload = {"state": value, "num_shards": n_shards, "num_images": n_images, "pending": pending}
+        tmp = self._state_path + ".tmp"
+        try:
+            torch.save(payload, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except Exception as e:  # disk full: torch reports "[enforce fail at inline_container.cc]"
+            _remove_quietly(tmp)
+            raise OSError(f"cannot write synthesizer state {tmp} ({type(e).__name__}: {str(e).splitlines()[0]});"
+                          f" free disk space in {self.out_dir} and resume") from e
+        os.replace(tmp, self._state_path)
+        _fsync_dir(self.out_dir)
+        self._state = value
 
     @property
     def state(self) -> Any:
@@ -291,16 +375,9 @@ class TransferSetWriter:
 
     @state.setter
     def state(self, value: Any) -> None:
-        """Commit the buffer, then save ``value`` (tensors / dicts / lists / numbers) atomically for resume."""
-        self.flush(partial=True)
-        payload = {"state": value, "num_shards": len(self._entries), "num_images": self.num_committed}
-        tmp = self._state_path + ".tmp"
-        torch.save(payload, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_path)
-        _fsync_dir(self.out_dir)
-        self._state = value
+        """Commit the buffer, saving ``value`` (tensors / dicts / lists / numbers) atomically with the last shard
+        (before its journal line), or alone when nothing is buffered."""
+        self.flush(partial=True, state=value)
 
     def close(self, finalize: bool | None = None) -> str | None:
         """Commit the buffer, write ``done-{rank}.json`` and (rank 0, by default when ``world_size == 1``)
@@ -328,6 +405,13 @@ class TransferSetWriter:
         if exc_type is None and not self._closed:
             self.close()
 
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def write_tensors(out: str, images: torch.Tensor, logits: torch.Tensor, meta: dict[str, Any],

@@ -2,8 +2,10 @@
 augmentation, checkpoints with RNG state, curves, and the input checks of the two models."""
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ class DistillResult:
         images: number of training images (offline: transfer-set size; online: final pool size).
         checkpoint: path of the last checkpoint, if any.
         curves: path of the loss/accuracy curve PNG, if written.
+        teacher_acc: the teacher's accuracy on the test set (``nan`` without one or where not measured).
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -45,6 +48,7 @@ class DistillResult:
     images: int = 0
     checkpoint: str | None = None
     curves: str | None = None
+    teacher_acc: float = float("nan")
 
 
 def as_image_tensor(data: Any) -> torch.Tensor:
@@ -80,6 +84,30 @@ def as_image_tensor(data: Any) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
     return x.float()
+
+
+def restores_teacher(fn: Callable) -> Callable:
+    """Decorator: ``fn`` may put its ``teacher`` argument in eval mode and freeze its parameters; on return (or an
+    exception) every submodule's ``training`` flag and every parameter's ``requires_grad`` are as the caller left
+    them. The caller's teacher is never changed for good."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        teacher = sig.bind_partial(*args, **kwargs).arguments.get("teacher")
+        if not isinstance(teacher, nn.Module):
+            return fn(*args, **kwargs)
+        modes = [(m, m.training) for m in teacher.modules()]
+        grads = [(p, p.requires_grad) for p in teacher.parameters()]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for m, was in modes:
+                m.training = was
+            for p, was in grads:
+                p.requires_grad_(was)
+
+    return wrapper
 
 
 def _check_models(student: nn.Module, teacher: nn.Module, sample: torch.Tensor, norm,
@@ -202,13 +230,50 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
                          "resume") from None
 
 
-def _save_curves(path: str, loss: list[float], acc: list[float], xlabel: str) -> str | None:
-    from dfkd_fast.viz import save_curves
+def _curves_figure(loss: Sequence[float], acc: Sequence[float], xlabel: str, teacher_acc: float | None = None):
+    """The matplotlib figure of :func:`_save_curves`: KD loss (top axes) and test accuracy in % (bottom axes,
+    only with ``acc``) against the 1-based epoch/round, the teacher's accuracy (in [0, 1]) as a dashed
+    horizontal line on the accuracy axes. ``acc`` is in [0, 1]."""
+    from dfkd_fast.viz import _pyplot
 
-    curves = {"KD loss": loss}
-    if acc:
-        curves["test accuracy"] = acc
-    save_curves(curves, path, xlabel=xlabel)
+    plt = _pyplot()
+    two = bool(acc)
+    fig, axes = plt.subplots(2 if two else 1, 1, figsize=(6, 5.5 if two else 3.2), sharex=True, squeeze=False)
+    ax_l = axes[0][0]
+    ax_l.plot(range(1, len(loss) + 1), [float(v) for v in loss], marker=".", color="tab:blue", label="KD loss")
+    ax_l.set_ylabel("KD loss (x T^2)")
+    ax_l.grid(alpha=0.3)
+    ax_l.legend(fontsize=8)
+    if two:
+        ax_a = axes[1][0]
+        ax_a.plot(range(1, len(acc) + 1), [100.0 * float(v) for v in acc], marker=".", color="tab:green",
+                  label="student test accuracy")
+        if teacher_acc is not None and teacher_acc == teacher_acc:  # not nan
+            ax_a.axhline(100.0 * float(teacher_acc), color="tab:red", linestyle="--",
+                         label=f"teacher {100.0 * float(teacher_acc):.2f}%")
+        ax_a.set_ylabel("test accuracy (%)")
+        ax_a.grid(alpha=0.3)
+        ax_a.legend(fontsize=8)
+    axes[-1][0].set_xlabel(xlabel)
+    fig.tight_layout()
+    return fig
+
+
+def _save_curves(path: str, loss: list[float], acc: list[float], xlabel: str,
+                 teacher_acc: float | None = None) -> str | None:
+    """Write :func:`_curves_figure` as a PNG at ``path`` (atomic: temp file + rename). Returns ``path``."""
+    from dfkd_fast.viz import _pyplot
+
+    fig = _curves_figure(loss, acc, xlabel, teacher_acc)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        _pyplot().close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
