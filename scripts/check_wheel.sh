@@ -47,6 +47,7 @@ $VPY -m pip install -q --no-deps --no-index "$WHEEL" >"$WORK/install.log" 2>&1 |
 import json, os, sys
 venv, src = (os.path.realpath(p) for p in sys.argv[1:3])
 import dfkd_fast
+import torch  # noqa: F401  (the extension links against torch's libraries: load them first, as _backend does)
 import dfkd_fast._C as C
 for mod in (dfkd_fast, C):
     path = os.path.realpath(mod.__file__)

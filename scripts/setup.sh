@@ -17,6 +17,6 @@ DFKD_FAST_SKIP_EXT=1 $PY -m pip install -q --no-build-isolation --no-deps -e .
 # Build the C++ extension in place with this interpreter (deterministic: never inside a pip build environment).
 if [ "${DFKD_FAST_SKIP_EXT:-0}" != "1" ]; then
     MAX_JOBS=${MAX_JOBS:-2} $PY setup.py -q build_ext --inplace
-    $PY -c "import dfkd_fast._C" || { echo "setup: the compiled extension did not build or load" >&2; exit 1; }
+    $PY -c "import torch, dfkd_fast._C" || { echo "setup: the compiled extension did not build or load" >&2; exit 1; }
 fi
 $PY -c "import torch, dfkd_fast; from dfkd_fast import _backend as b; print('dfkd_fast ready: torch', torch.__version__, '| cpp extension:', 'built' if b.extension() is not None else b.extension_error())"

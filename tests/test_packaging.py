@@ -248,7 +248,8 @@ def test_manifest_in_covers_every_file_under_csrc():
 def test_ci_runs_readme_tests_then_the_wheel_check():
     run = open(os.path.join(ROOT, ".ci", "run")).read()
     lines = [ln.strip() for ln in run.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    tests = lines.index("bash scripts/setup.sh && python3 -m pytest -q tests")
+    # the README test command, in a subshell whose failure ends CI (set -e ignores the left side of &&)
+    tests = lines.index("(bash scripts/setup.sh && python3 -m pytest -q tests) || exit 1")
     wheel = next(i for i, ln in enumerate(lines) if "scripts/check_wheel.sh" in ln)
     assert wheel > tests
     script = open(os.path.join(ROOT, "scripts", "check_wheel.sh")).read()
@@ -271,3 +272,12 @@ def test_readme_shows_the_no_isolation_install_beside_the_setup_script():
     readme = open(os.path.join(ROOT, "README.md")).read()
     setup_at = readme.index("bash scripts/setup.sh")
     assert "pip install --no-build-isolation ." in readme[setup_at:setup_at + 3000]
+
+
+def test_setup_and_wheel_checks_load_torch_before_the_extension():
+    """``import dfkd_fast`` no longer imports torch (lazy), and ``_C`` links against torch's libc10: every script
+    that imports ``dfkd_fast._C`` directly must import torch first (CI failed with 'libc10.so: cannot open')."""
+    for rel in ("scripts/setup.sh", "scripts/check_wheel.sh"):
+        text = open(os.path.join(ROOT, rel)).read()
+        i = text.index("dfkd_fast._C\"") if rel.endswith("setup.sh") else text.index("import dfkd_fast._C as C")
+        assert "import torch" in text[max(0, i - 200):i], rel
