@@ -39,7 +39,7 @@ from dfkd_fast.tasks.source_free_uda import source_free_uda
 from dfkd_fast.tasks.uap import uap
 from dfkd_fast.teachers import cached_mnist_teacher, train_classifier
 
-FULL = {"online_kd_steps": 2000, "online_batch": 64, "seeds": "0,1",
+FULL = {"online_kd_steps": 800, "online_batch": 64, "seeds": "0,1",
         "num_images": 1200, "iterations": 200, "di_iterations": 200, "cmi_iterations": 60, "kd_epochs": 40,
         "real_epochs": 20, "adv_epochs": 3, "adv_eps": 0.2, "attack_eps": 0.2, "uap_epochs": 10,
         "uda_impressions": 600, "uda_steps": 400, "ci_epochs": 8, "ci_impressions": 600, "eval_attack_n": 500}
@@ -92,7 +92,7 @@ KD_METHODS = {"data_impressions": ("lenet5", "offline"), "class_impressions": ("
 
 def _online_plan(method: str, p: dict) -> dict:
     """Synthesis batch, rounds and KD steps per round of an online run: every method gets the same number of
-    student steps (``online_kd_steps`` at batch ``online_batch``, the offline KD budget x ~2.6)."""
+    student steps (``online_kd_steps`` at batch ``online_batch``, about the offline KD budget: 40 epochs x 19)."""
     steps = p["online_kd_steps"]
     if method in ("dafl", "dfq", "zskt"):  # fresh samples: 1 round = 1 generator step (+ n_s student steps)
         n_s = 10 if method == "zskt" else 1
@@ -181,8 +181,16 @@ def section_kd_table(p: dict, seed: int, res: dict) -> None:
                              "error": f"{type(e).__name__}: {e}"})
                 _log(f"seed {sd}: {method} FAILED: {traceback.format_exc()}")
     res["kd_runs"] = runs
+    summarize_kd(res)
+
+
+def summarize_kd(res: dict) -> None:
+    """Rows (mean and half-range over seeds), goals and the Pareto picture from ``res["kd_runs"]``."""
+    runs = res["kd_runs"]
+    teachers = sorted({r["teacher"] for r in runs if r["teacher"] != "-"})
     kd_real = {t: _mean_spread([r["acc"] for r in runs if r["row"] == "KD on real" and r["teacher"] == t])[0]
                for t in teachers}
+    res["seeds"] = sorted({r["seed"] for r in runs})
     rows = []
     for name in ["CE on real", "KD on real", *KD_METHODS]:
         for tname in ["-", *teachers]:
@@ -392,7 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sections", default="kd,robustness,uda,ci")
     ap.add_argument("--seeds", default=None, help="seed offsets of the KD table, e.g. 0,1 (default: 0,1; quick 0)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (e.g. 1 per process when "
+                    "seeds run as parallel processes)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge the KD runs of these quality json files (one per seed process) into --out and exit")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     p = dict(QUICK if args.quick else FULL)
     if args.num_images:
         p["num_images"] = args.num_images
@@ -406,8 +420,19 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{platform.processor() or platform.machine()}",
                            "_out": args.out, "errors": {}}
     t0 = time.perf_counter()
+    if args.merge:
+        parts = [json.load(open(f)) for f in args.merge]
+        res["kd_runs"] = [r for part in parts for r in part.get("kd_runs", [])]
+        res["teachers"] = parts[0]["teachers"]
+        res["params"] = parts[0]["params"]
+        res["versions"] = parts[0]["versions"] + f" ({len(parts)} processes, one per seed)"
+        res["merged_from"] = [{"file": f, "command": p_["command"], "date": p_["date"], "total_s": p_.get("total_s")}
+                              for f, p_ in zip(args.merge, parts, strict=True)]
+        summarize_kd(res)
+        args.sections = ""
+        res["total_s"] = max(p_.get("total_s", 0) for p_ in parts)
     sections = {"kd": section_kd_table, "robustness": section_robustness, "uda": section_uda, "ci": section_ci}
-    for name in args.sections.split(","):
+    for name in filter(None, args.sections.split(",")):
         _log(f"section {name}")
         try:
             sections[name](p, args.seed, res)
