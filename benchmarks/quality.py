@@ -39,8 +39,8 @@ from dfkd_fast.tasks.source_free_uda import source_free_uda
 from dfkd_fast.tasks.uap import uap
 from dfkd_fast.teachers import cached_mnist_teacher, train_classifier
 
-FULL = {"online_kd_steps": 800, "online_batch": 64, "seeds": "0,1",
-        "num_images": 1200, "iterations": 200, "di_iterations": 200, "cmi_iterations": 60, "kd_epochs": 40,
+FULL = {"online_kd_steps": 2000, "online_batch": 64, "seeds": "0,1",
+        "num_images": 1200, "iterations": 200, "di_iterations": 200, "cmi_iterations": 60, "kd_epochs": 100,
         "real_epochs": 20, "adv_epochs": 3, "adv_eps": 0.2, "attack_eps": 0.2, "uap_epochs": 10,
         "uda_impressions": 600, "uda_steps": 400, "ci_epochs": 8, "ci_impressions": 600, "eval_attack_n": 500}
 QUICK = {"online_kd_steps": 8, "online_batch": 16, "seeds": "0",
@@ -92,19 +92,19 @@ KD_METHODS = {"data_impressions": ("lenet5", "offline"), "class_impressions": ("
 
 def _online_plan(method: str, p: dict) -> dict:
     """Synthesis batch, rounds and KD steps per round of an online run: every method gets the same number of
-    student steps (``online_kd_steps`` at batch ``online_batch``, about the offline KD budget: 40 epochs x 19)."""
+    student steps (``online_kd_steps`` at batch ``online_batch``, about the offline KD budget: 100 epochs x 19)."""
     steps = p["online_kd_steps"]
     if method in ("dafl", "dfq", "zskt"):  # fresh samples: 1 round = 1 generator step (+ n_s student steps)
         n_s = 10 if method == "zskt" else 1
         return {"batch": p["online_batch"], "rounds": max(1, steps // n_s), "kd": n_s, "hp": {"ngf": 32}}
     if method == "cmi":  # pool: 10 synthesized batches, each of `cmi_online_iterations` generator steps
-        rounds = 10 if steps >= 100 else 2
+        rounds = 20 if steps >= 1000 else 10 if steps >= 100 else 2
         return {"batch": p["online_batch"], "rounds": rounds, "kd": steps // rounds,
                 "hp": {"iterations": p.get("cmi_online_iterations", 20 if steps >= 100 else 2), "ngf": 32,
                        "n_neg": 512, "bank_size": 4096}}
-    rounds = 40 if steps >= 100 else 2  # fast_meta: 40 batches (5 inner steps each), 4 warm-up rounds
+    rounds = 80 if steps >= 1000 else 40 if steps >= 100 else 2  # fast_meta: batches of 5 inner steps each
     return {"batch": p["online_batch"], "rounds": rounds, "kd": steps // rounds, "hp": {"ngf": 32},
-            "warmup": 4 if steps >= 100 else 0}
+            "warmup": rounds // 10}
 
 
 def _run_online(method: str, teacher: torch.nn.Module, test: tuple, p: dict, seed: int) -> dict:

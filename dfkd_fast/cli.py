@@ -27,6 +27,7 @@ from dfkd_fast.config import (
     DemoConfig,
     DistillConfig,
     ExportPngConfig,
+    InspectConfig,
     SynthesizeConfig,
     load_yaml,
     merge_config,
@@ -287,6 +288,39 @@ def cmd_export_png(cfg: ExportPngConfig, ns: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--transfer-set: directory {cfg.transfer_set!r} not found")
     n = export_png(cfg.transfer_set, cfg.out, overwrite=cfg.overwrite)
     print(f"exported {n} images of {cfg.transfer_set} -> {cfg.out} (one folder per class, labels.csv, logits.npy)")
+    return 0
+
+
+def _add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("transfer_set", nargs="?", default=argparse.SUPPRESS, metavar="DIR",
+                        help="transfer set directory (same as --transfer-set)")
+
+
+@subcommand("inspect", InspectConfig, help="data-free health report of a transfer set: text, health.json, health.png",
+            add_arguments=_add_inspect_arguments)
+def cmd_inspect(cfg: InspectConfig, ns: argparse.Namespace) -> int:
+    from dfkd_fast.health import format_health, transfer_set_health
+    from dfkd_fast.runner import load_teacher, resolve_device
+
+    if not os.path.isfile(os.path.join(cfg.transfer_set, "manifest.json")):
+        raise FileNotFoundError(f"DIR / --transfer-set: {cfg.transfer_set!r} has no manifest.json (not a finished "
+                                "transfer set)")
+    if cfg.max_images < 2:
+        raise ValueError(f"--max-images must be >= 2, got {cfg.max_images}")
+    from dfkd_fast.tasks.distill.offline import check_transfer_set
+    from dfkd_fast.transfer_set import TransferSet
+
+    image_size = parse_image_size(cfg.image_size)
+    check_transfer_set(TransferSet(cfg.transfer_set).manifest, num_classes=cfg.num_classes, image_size=image_size,
+                       where=f"--transfer-set {cfg.transfer_set}")
+    mean, std = parse_floats(cfg.mean, "mean"), parse_floats(cfg.std, "std")
+    teacher = load_teacher(cfg.teacher, cfg.weights, cfg.num_classes, image_size, resolve_device(cfg.device),
+                           mean=mean, std=std)
+    out = cfg.out or cfg.transfer_set
+    report = transfer_set_health(cfg.transfer_set, teacher, mean=mean, std=std, max_images=cfg.max_images,
+                                 seed=cfg.seed, out=out, figure=True)
+    print(format_health(report))
+    print(f"outputs: {os.path.join(out, 'health.json')} | {os.path.join(out, 'health.png')}")
     return 0
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SynthesizeConfig", "DistillConfig", "DemoConfig", "ExportPngConfig", "parse_image_size",
+__all__ = ["SynthesizeConfig", "DistillConfig", "DemoConfig", "ExportPngConfig", "InspectConfig", "parse_image_size",
            "parse_floats", "parse_opts", "load_yaml", "split_method_options", "merge_config", "TORCHRUN_OPTIONS"]
 
 #: ``torchrun`` options (both spellings); the CLI test checks no flag of ours is a prefix of one of them.
@@ -154,6 +154,23 @@ class ExportPngConfig:
     transfer_set: str = _f(None, "transfer set directory", True)
     out: str = _f(None, "output image folder", True)
     overwrite: bool = _f(False, "replace an earlier export in --out (a non-empty --out is refused otherwise)")
+
+
+@dataclass
+class InspectConfig:
+    """``dfkd-fast inspect DIR``: the data-free health report of a transfer set (text, health.json, health.png)."""
+
+    transfer_set: str = _f(None, "transfer set directory (or give it as the positional DIR)", True)
+    teacher: str = _f(None, "teacher: zoo name or 'package.module:factory'", True)
+    weights: str | None = _f(None, "teacher weights file")
+    num_classes: int = _f(10, "number of classes K")
+    image_size: str = _f("3,32,32", "input size 'C,H,W'")
+    mean: str | None = _f(None, "input normalization mean")
+    std: str | None = _f(None, "input normalization std")
+    out: str | None = _f(None, "directory for health.json and health.png (default: the transfer set directory)")
+    max_images: int = _f(2000, "evaluate a seeded random sample of at most this many images")
+    seed: int = _f(0, "seed of the sample and of the noise reference")
+    device: str = _f("auto", "device")
 
 
 def parse_image_size(text: str | Sequence[int]) -> tuple[int, int, int]:

@@ -64,8 +64,11 @@ class SynthesisSummary:
 
     def format(self) -> str:
         hist = " ".join(f"{k}:{c}" for k, c in enumerate(self.class_histogram))
+        health = self.extra.get("health")
+        line = "" if health is None else (f"\nhealth: score {health['score']:.2f} ("
+                                          f"{'; '.join(health['warnings']) or 'no warnings'})")
         return (f"images {self.images} | seconds {self.seconds:.1f} | images/s {self.images_per_s:.2f} | "
-                f"mean teacher confidence {self.mean_confidence:.4f}\nclass histogram (teacher top-1): {hist}")
+                f"mean teacher confidence {self.mean_confidence:.4f}\nclass histogram (teacher top-1): {hist}{line}")
 
 
 def record_batch(stats: dict[str, Any], res: Any, take: int, k: int
@@ -534,10 +537,27 @@ def _run_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | 
                                         "total_images_per_s": summary.images_per_s}
     if ctx.is_main:
         add_to_manifest(finalize_manifest(out), {"summary": dataclasses.asdict(summary)})
+        _write_health(synth, out, summary, seed)
         if progress and distributed:
             print(format_throughput(per_rank), flush=True)
     ctx.barrier()  # the manifest exists before any rank returns
     return summary
+
+
+def _write_health(synth: Any, out: str, summary: SynthesisSummary, seed: int) -> None:
+    """``health.json`` beside the manifest (:func:`dfkd_fast.health.transfer_set_health`, at most 2,000 images)
+    and ``summary.extra["health"]`` (score, warnings); a failure is one warning line on stderr, never an error."""
+    import sys
+
+    try:
+        from dfkd_fast.health import transfer_set_health
+
+        rep = transfer_set_health(out, synth.teacher, mean=synth.mean, std=synth.std, max_images=2000, seed=seed)
+        summary.extra["health"] = {"score": rep["score"], "warnings": rep["warnings"]}
+    except Exception as e:  # noqa: BLE001 - the report is advisory: the transfer set is already complete
+        detail = " ".join(str(e).split())[:160]
+        print(f"dfkd-fast: warning: health report of {out} skipped ({type(e).__name__}: {detail})", file=sys.stderr,
+              flush=True)
 
 
 def run_distributed_synthesis(synth: Any, out: str, num_images: int, *, ctx: DistContext | None = None,

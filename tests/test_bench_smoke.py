@@ -71,3 +71,48 @@ def test_bench_synthesis_quick(tmp_path):
         assert r["speedup_vs_reference"]["reference"] == 1.0 and r["x_floor"]["floor"] == 1.0
     table = (tmp_path / "synthesis_cpu_quick.md").read_text()
     assert "| deep_inversion | lenet5_bn | 16 |" in table and "x ref" in table
+
+
+QM_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_matrix.py"
+
+
+def test_quality_matrix_quick(tmp_path):
+    """--quick 2x2 matrix (offline data_impressions + online dfq on LeNet-5 / LeNet-5-BN, digits): every output is
+    written, dfq is skipped on the BN-free teacher, ratios are measured accuracies over measured KD-on-real, and
+    --resume recomputes nothing."""
+    spec = importlib.util.spec_from_file_location("quality_matrix", QM_BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["quality_matrix"] = bench
+    spec.loader.exec_module(bench)
+    args = ["--quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    assert bench.main(args) == 0
+    data = json.loads((tmp_path / "quality_matrix_quick.json").read_text())
+    cells = data["cells"]
+    assert set(cells) == {"data_impressions|lenet5|digits|resnet8_half", "dfq|lenet5|digits|resnet8_half",
+                          "data_impressions|lenet5_bn|digits|small_cnn", "dfq|lenet5_bn|digits|small_cnn"}
+    skipped = cells["dfq|lenet5|digits|resnet8_half"]
+    assert skipped["status"] == "skipped" and "BatchNorm" in skipped["reason"]
+    done = [c for c in cells.values() if c["status"] == "done"]
+    assert len(done) == 3 and {c["mode"] for c in done} == {"offline", "online"}
+    for c in done:
+        ref = data["references"][f"{c['teacher']}|{c['dataset']}|{c['student']}"]["acc"]
+        assert ref > 0.3  # a trained KD-on-real student, far above chance (0.1) on the 359 digits test images
+        assert c["kd_real"] == ref and 0.0 <= c["acc"] <= 1.0
+        assert abs(c["ratio"] - c["acc"] / ref) < 1e-12 and c["synth_s"] > 0 and c["images"] == 64
+        assert abs(c["acc"] * 359 - round(c["acc"] * 359)) < 1e-6  # a count of the 359 test images
+    worst = data["summary"]["worst"]
+    assert worst["dfq"]["ratio"] == cells["dfq|lenet5_bn|digits|small_cnn"]["ratio"]
+    assert worst["data_impressions"]["ratio"] == min(c["ratio"] for c in done if c["method"] == "data_impressions")
+    assert isinstance(data["summary"]["every_method_worst_ge_085"], bool)
+    if "health_spearman" in data["summary"]:  # dfkd_fast.health installed: rank correlation over the done cells
+        from scipy.stats import spearmanr
+
+        rho = spearmanr([c["health"] for c in done], [c["acc"] for c in done]).statistic
+        got = data["summary"]["health_spearman"]
+        assert (got != got and rho != rho) or abs(got - rho) < 1e-9  # nan only when a side is constant
+    md = (tmp_path / "quality_matrix_quick.md").read_text()
+    assert "| data_impressions | offline | lenet5 | digits | resnet8_half |" in md and "## Targets" in md
+    assert (tmp_path / "quality_matrix_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.main([*args, "--resume"]) == 0  # every cell finished: nothing is recomputed
+    again = json.loads((tmp_path / "quality_matrix_quick.json").read_text())["cells"]
+    assert all(again[k].get("cell_s") == c.get("cell_s") for k, c in cells.items())

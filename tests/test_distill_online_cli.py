@@ -118,6 +118,8 @@ def test_cli_runs_every_method_for_one_epoch(method, weights, reference, tmp_pat
     assert 0 < rows[0]["synth_seconds"] <= rows[0]["seconds"]
     ts = TransferSet(str(out / "transfer_set"))
     assert len(ts) == rows[0]["pool"] == 6  # one round, one synthesized batch kept
+    health = json.loads((out / "transfer_set" / "health.json").read_text())  # every set gets its health report
+    assert 0 <= health["score"] <= 1 and isinstance(health["warnings"], list)
 
 
 def test_cli_errors_name_the_flag(weights, tmp_path, capsys):

@@ -10,7 +10,8 @@ where :math:`v_t` is a random view (DeepInversion's roll jitter + flip, Impressi
 the identity) and :math:`L` the method's loss. :class:`PixelSynthesizer` owns everything but the loss:
 
 - the Adam optimizer with the method's ``lr`` / ``betas`` (and an optional per-step ``lr`` schedule), the
-  clamp to [0, 1] after each step;
+  clamp to [0, 1] after each step; :meth:`PixelSynthesizer.pixel_lr` turns an lr given in normalized-input units
+  into the pixel lr (``lr * mean(std)``), so one default serves teachers with any input normalization;
 - the per-step function ``(x, targets, *view) -> (loss, grad)``: view -> teacher forward under
   :meth:`~dfkd_fast.synthesis.base.Synthesizer.autocast` -> loss -> ``torch.autograd.grad`` to the pixels;
   compiled as ONE graph with :meth:`~dfkd_fast.synthesis.base.Synthesizer.compile_step` when
@@ -62,6 +63,25 @@ class PixelSynthesizer(Synthesizer):
     """
 
     keep_best: ClassVar[bool] = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: mean of the per-channel input std (1 without normalization), read once here, never in the loop
+        self.input_scale = 1.0 if self.std is None else float(self.std.mean())
+
+    def pixel_lr(self, lr: float, units: str) -> float:
+        """The Adam lr on the [0, 1] pixels for ``lr`` given in ``units``.
+
+        ``"pixels"``: ``lr`` as is. ``"normalized"``: ``lr * mean(std)``, so that one Adam step (about ``lr`` per
+        element) moves the teacher's normalized input by about ``lr`` whatever the input's scale -- the rule that
+        needs no data: the authors of DeepInversion optimize the normalized input itself (lr 0.1 at CIFAR's
+        std ~0.2 is a pixel step of ~0.02, not 0.1).
+        """
+        if units == "pixels":
+            return lr
+        if units == "normalized":
+            return lr * self.input_scale
+        raise ValueError(f"{self.name}: lr_units must be 'normalized' or 'pixels', got {units!r}")
 
     # ----- what a method implements -----
     def step_loss(self, x: torch.Tensor, targets: Any, *view: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,9 @@ def synthesize_impressions(model: nn.Module, n: int, image_size: Sequence[int], 
     cls = list(range(num_classes)) if classes is None else [int(k) for k in classes]
     if not cls or min(cls) < 0 or max(cls) >= num_classes:
         raise ValueError(f"synthesize_impressions: classes must be a non-empty subset of [0, {num_classes}), got {cls}")
-    hp: dict[str, Any] = {"iterations": iterations, "lr": lr, "temperature": temperature, "init_scale": init_scale}
+    # lr in [0, 1]-pixel units (the measured MNIST settings above), also when mean / std are given
+    hp: dict[str, Any] = {"iterations": iterations, "lr": lr, "lr_units": "pixels", "temperature": temperature,
+                          "init_scale": init_scale}
     if method == "data_impressions":
         hp["beta"] = tuple(beta)
     bs = min(batch_size, n)

@@ -173,6 +173,22 @@ def _pause_adversarial(synthesizer: Any, student: nn.Module, paused: bool) -> No
         synthesizer.student = None if paused else student
 
 
+def _write_pool_health(path: str, teacher: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None,
+                       seed: int) -> None:
+    """``health.json`` beside the pool's manifest (:func:`dfkd_fast.health.transfer_set_health`); a failure is one
+    warning line on stderr."""
+    import sys
+
+    try:
+        from dfkd_fast.health import transfer_set_health
+
+        transfer_set_health(path, teacher, mean=mean, std=std, max_images=2000, seed=seed)
+    except Exception as e:  # noqa: BLE001 - advisory: the student and the pool are already saved
+        detail = " ".join(str(e).split())[:160]
+        print(f"dfkd-fast: warning: health report of {path} skipped ({type(e).__name__}: {detail})", file=sys.stderr,
+              flush=True)
+
+
 @restores_teacher
 def distill_online(student: nn.Module, teacher: nn.Module, synthesizer: Any, rounds: int,
                    kd_steps_per_round: int = _DEF["kd_steps"], *, rounds_per_epoch: int = 1,
@@ -401,6 +417,8 @@ def distill_online(student: nn.Module, teacher: nn.Module, synthesizer: Any, rou
                      "schedule": "fresh" if fresh else "pool"}
         if save_pool:
             pool.save(os.path.join(out_dir, "transfer_set"), pool_meta, collective=world > 1)
+            if is_main:  # every transfer set gets its data-free health report (advisory: never an error)
+                _write_pool_health(os.path.join(out_dir, "transfer_set"), teacher, mean, std, seed)
         if res.train_loss and is_main:
             res.curves = _save_curves(os.path.join(out_dir, "curves.png"), res.train_loss, res.test_acc, "epoch")
     res.seconds = seconds_before + time.perf_counter() - t_resumed
