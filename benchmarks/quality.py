@@ -251,7 +251,7 @@ def _pareto_plot(rows: list[dict], path: str) -> None:
             label="Pareto front")
     ax.axhline(0.995, color="red", linestyle="--", linewidth=1, label="target 0.995")
     ax.set_xscale("log")
-    ax.set_xlabel("synthesis seconds per run (log scale, 2-core CPU)")
+    ax.set_xlabel("synthesis seconds per run (log scale, CPU, one thread per run)")
     ax.set_ylabel("student accuracy / KD-on-real")
     ax.set_title("MNIST-5k, LeNet-5(-BN) -> LeNet-5-half: quality vs synthesis cost")
     ax.legend(fontsize=7, loc="lower right")
@@ -338,6 +338,12 @@ def to_markdown(res: dict) -> str:
            f"sizes: MNIST-5k 4,000 train / 1,000 test; transfer sets of {p['num_images']} images each; "
            f"KD {p['kd_epochs']} epochs (SGD lr 0.02, T 4, batch 64, pad-crop)  ",
            f"total: {res.get('total_s', 0):.0f} s", ""]
+    if res.get("kept_from"):
+        out += ["sections not re-run, kept from the earlier run: "
+                + ", ".join(f"{k} ({v})" for k, v in res["kept_from"].items()), ""]
+    if res.get("merged_from"):
+        out += ["merged from: " + "; ".join(f"`{m['command']}` ({m['date']}, {m['total_s']:.0f} s)"
+                                             for m in res["merged_from"]), ""]
     if "teachers" in res:
         t = res["teachers"]
         out += [f"teachers: LeNet-5 {_pct(t['lenet5'])}%, LeNet-5-BN {_pct(t['lenet5_bn'])}%; seeds "

@@ -38,6 +38,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def cli_env(monkeypatch):
+    """CLI / subprocess tests: ``tests/`` importable (``cli_models:...`` factories), no progress bars, one thread."""
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

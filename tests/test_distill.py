@@ -13,8 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from cli_models import tiny_cnn, tiny_student
+from cli_models import tiny_cnn, tiny_student, train_on_digits
 
 from dfkd_fast.config import DistillConfig
 from dfkd_fast.datasets import digits, load_test_set
@@ -45,13 +44,7 @@ def data():
 def teacher(data):
     x, y, xt, yt = data
     torch.manual_seed(0)
-    net = tiny_cnn(K, 1, S)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-2)
-    for _ in range(60):  # full batch
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    net = train_on_digits(tiny_cnn(K, 1, S), image_size=S)
     net.eval()
     assert evaluate_accuracy(net, xt, yt) > 0.85
     return net

@@ -28,13 +28,8 @@ K, S = 10, 8
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.syspath_prepend(TESTS)
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _env(cli_env):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from cli_models import tiny_bn_cnn, tiny_student
+from cli_models import tiny_bn_cnn, tiny_student, train_on_digits
 
 import dfkd_fast.synthesis as synthesis
 from dfkd_fast.cli import main
@@ -36,13 +35,8 @@ GEN = {"nz": 8, "ngf": 4}
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.syspath_prepend(TESTS)
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _env(cli_env):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +50,7 @@ def data():
 def teacher(data):
     x, y, _, _ = data
     torch.manual_seed(0)
-    net = tiny_bn_cnn(K, 1, S)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-2)
-    for _ in range(60):  # full batch
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    net = train_on_digits(tiny_bn_cnn(K, 1, S), image_size=S)
     return net.eval()
 
 

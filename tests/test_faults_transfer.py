@@ -27,13 +27,8 @@ N, B = 8, 2
 
 
 @pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.syspath_prepend(TESTS)
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _env(cli_env):
     yield
-    torch.set_num_threads(n)
 
 
 def _subprocess_env(**extra: str) -> dict[str, str]:

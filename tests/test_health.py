@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_models import tiny_bn_cnn
+from cli_models import tiny_bn_cnn, train_on_digits
 
 from dfkd_fast.cli import main
 from dfkd_fast.datasets import digits
@@ -40,13 +40,7 @@ def data():
 def teacher(data):
     x, y, xt, yt = data
     torch.manual_seed(0)
-    net = tiny_bn_cnn(K, 1, S)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-2)
-    for _ in range(60):  # full batch
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    net = train_on_digits(tiny_bn_cnn(K, 1, S), image_size=S)
     net.eval()
     with torch.no_grad():
         assert (net(xt).argmax(1) == yt).double().mean() > 0.85
