@@ -324,3 +324,25 @@ def test_resume_meta_unchanged_passes(env, tmp_path, capsys):
     assert meta["meta"]["batch_size"] == 4
     capsys.readouterr()
     assert main([*_syn(env, out, "--num-images", "8", "--shard-size", "4"), "--resume"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.5])
+def test_ctrl_c_at_any_moment_of_startup_is_one_line(delay, tmp_path):
+    """A real SIGINT to ``python -m dfkd_fast synthesize`` while it is still starting (importing torch happens
+    inside ``main()`` now that the package is lazy) or already running: exit 130, one line, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=tests + os.pathsep + os.environ.get("PYTHONPATH", ""), TQDM_DISABLE="1")
+    argv = [sys.executable, "-m", "dfkd_fast", "synthesize", "--teacher", "cli_models:tiny_cnn", "--image-size",
+            "1,8,8", "--num-images", "8", "--batch-size", "4", "--device", "cpu", "--method", "data_impressions",
+            "--iterations", "100000", "--preview", "0", "--out", str(tmp_path / "out")]
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines() == ["dfkd-fast: interrupted"], err
