@@ -74,15 +74,15 @@ TARGET_EVERY, TARGET_BEST, TARGET_RHO = 0.85, 0.95, 0.7
 #: sizes of the full run: ``--estimate`` gave 82.9 min on the shared 2-core machine (56 cells 72 min, teachers and
 #: KD-on-real 11 min); single full cells ran 5-30% over their estimate, so plan for ~90-100 min
 FULL: dict[str, Any] = {
-    "teacher_epochs": 12, "kd_real_steps": 600, "kd_epochs": 30, "num_images": 640, "synth_batch": 64,
-    "kd_batch": 64, "kd_lr": 0.01, "kd_T": 4.0, "rounds": 20, "kd_steps": 15,
+    "teacher_epochs": 12, "kd_real_steps": 600, "kd_epochs": 30, "num_images": 1280, "synth_batch": 64,
+    "kd_batch": 64, "kd_lr": 0.05, "kd_T": 4.0, "kd_clip": 5.0, "rounds": 40, "kd_steps": 15,
     "iterations": {"data_impressions": 120, "class_impressions": 120, "deep_inversion": 160, "cmi": 20,
                    "fast_meta": 5, "dafl": 1, "zskt": 1, "dfq": 1},
     "fast_meta_warmup": 3, "gen_ngf": 32,
 }
 QUICK: dict[str, Any] = {
     "teacher_epochs": 2, "kd_real_steps": 80, "kd_epochs": 3, "num_images": 64, "synth_batch": 32,
-    "kd_batch": 32, "kd_lr": 0.05, "kd_T": 4.0, "rounds": 3, "kd_steps": 3,
+    "kd_batch": 32, "kd_lr": 0.05, "kd_T": 4.0, "kd_clip": 5.0, "rounds": 3, "kd_steps": 3,
     "iterations": {"data_impressions": 8, "class_impressions": 8, "deep_inversion": 8, "cmi": 4,
                    "fast_meta": 2, "dafl": 1, "zskt": 1, "dfq": 1},
     "fast_meta_warmup": 1, "gen_ngf": 8,
@@ -183,9 +183,10 @@ def _student(name: str, seed: int) -> nn.Module:
 
 def _kd(student: nn.Module, teacher: nn.Module, images: torch.Tensor, test: tuple, p: dict, epochs: int,
         seed: int) -> float:
-    """Offline KD with the matrix's one recipe: SGD lr ``kd_lr``, T ``kd_T``, cosine, pad-crop. -> test acc."""
+    """Offline KD with the matrix's one recipe: SGD lr ``kd_lr``, T ``kd_T``, gradient-norm clip ``kd_clip``,
+    cosine, pad-crop. -> test acc."""
     res = distill(student, teacher, images, epochs=epochs, lr=p["kd_lr"], T=p["kd_T"], batch_size=p["kd_batch"],
-                  augment="crop", test_data=test, progress=False, curves=False, seed=seed)
+                  grad_clip=p["kd_clip"], augment="crop", test_data=test, progress=False, curves=False, seed=seed)
     return float(res.final_acc)
 
 
@@ -235,7 +236,8 @@ def _online(method: str, teacher: nn.Module, student: nn.Module, test: tuple, p:
     synth.synthesize = recording  # type: ignore[method-assign]
     warm = p["fast_meta_warmup"] if method == "fast_meta" else 0
     res = distill_online(student, teacher, synth, p["rounds"], p["kd_steps"], rounds_per_epoch=p["rounds"],
-                         lr=p["kd_lr"], T=p["kd_T"], batch_size=p["kd_batch"], warmup_rounds=warm, augment="crop",
+                         lr=p["kd_lr"], T=p["kd_T"], batch_size=p["kd_batch"], grad_clip=p["kd_clip"],
+                         warmup_rounds=warm, augment="crop",
                          test_data=test, progress=False, seed=seed)
     for q in teacher.parameters():
         q.requires_grad_(False)
@@ -283,8 +285,10 @@ def cell_key(method: str, teacher: str, dataset: str) -> str:
 class Matrix:
     """The run's state: teachers, KD-on-real references and cells, saved as json/md/png after every change."""
 
-    def __init__(self, res: dict, out: str, stem: str, p: dict, seed: int, cache_dir: str) -> None:
+    def __init__(self, res: dict, out: str, stem: str, p: dict, seed: int, cache_dir: str,
+                 save_sets: str | None = None) -> None:
         self.res, self.out, self.stem, self.p, self.seed, self.cache_dir = res, out, stem, p, seed, cache_dir
+        self.save_sets = save_sets
         self._teachers: dict[tuple[str, str], nn.Module] = {}
         self._t0 = time.perf_counter() - float(res.get("total_s", 0.0))
 
@@ -331,6 +335,10 @@ class Matrix:
             acc = _kd(student, teacher, imgs, test, self.p, self.p["kd_epochs"], self.seed)
         cell.update(status="done", acc=acc, kd_real=ref, ratio=acc / ref if ref > 0 else float("nan"),
                     synth_s=secs, cell_s=time.perf_counter() - t0, images=len(imgs))
+        if self.save_sets:  # the transfer set (fp16), e.g. to study data-free health statistics against ``acc``
+            os.makedirs(self.save_sets, exist_ok=True)
+            torch.save(imgs.half(), os.path.join(self.save_sets, cell_key(method, arch, dataset).replace("|", "-")
+                                                 + ".pt"))
         health = _health()
         if health is not None:
             try:
@@ -347,6 +355,10 @@ class Matrix:
         for c in cells:
             if c["method"] not in worst or c["ratio"] < worst[c["method"]]["ratio"]:
                 worst[c["method"]] = {"ratio": c["ratio"], "cell": f"{c['teacher']}/{c['dataset']}->{c['student']}"}
+        for m in worst:
+            rs = sorted(c["ratio"] for c in cells if c["method"] == m)
+            worst[m]["median"] = rs[len(rs) // 2] if len(rs) % 2 else 0.5 * (rs[len(rs) // 2 - 1] + rs[len(rs) // 2])
+            worst[m]["cells_ge_085"] = f"{sum(r >= TARGET_EVERY for r in rs)}/{len(rs)}"
         summ: dict[str, Any] = {"worst": worst}
         if worst:
             best = max(worst, key=lambda m: worst[m]["ratio"])
@@ -430,16 +442,22 @@ def _met(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "NOT met")
 
 
+def _parts(res: dict) -> str:
+    t = res.get("parts_total_s")
+    return f" (parts run side by side: {', '.join(f'{v:.0f}' for v in t)} s)" if t else ""
+
+
 def to_markdown(res: dict) -> str:
     p = res["params"]
     out = [f"# Cross-architecture quality matrix {'[--quick]' if res['quick'] else ''}", "",
            f"command: `{res['command']}`  ", f"date: {res['date']}  ", f"versions: {res['versions']}  ",
-           f"total: {res.get('total_s', 0):.0f} s  ",
+           f"total: {res.get('total_s', 0):.0f} s{_parts(res)}  ",
            f"sizes: transfer sets of {p['num_images']} images (offline: class-balanced batches of {p['synth_batch']}, "
            f"then KD {p['kd_epochs']} epochs); online: {p['rounds']} rounds x {p['kd_steps']} student steps, "
            f"batch {p['kd_batch']}; KD-on-real >= {p['kd_real_steps']} steps (whole epochs) on the real train split; "
            f"one KD recipe "
-           f"(SGD lr {p['kd_lr']}, T {p['kd_T']}, cosine, pad-crop); iterations {p['iterations']}; generator "
+           f"(SGD lr {p['kd_lr']}, T {p['kd_T']}, gradient-norm clip {p.get('kd_clip', 0)}, cosine, pad-crop); "
+           f"iterations {p['iterations']}; generator "
            f"width ngf {p['gen_ngf']}  ",
            "ratio = student test accuracy / KD-on-real test accuracy (same teacher, same student, real train "
            "images). Methods that need BatchNorm statistics are skipped on the BN-free LeNet-5. impression_space "
@@ -468,8 +486,10 @@ def to_markdown(res: dict) -> str:
             out.append(f"{head} {c.get('status')}: {why} | | | | | |")
     s = res.get("summary", {})
     if s.get("worst"):
-        out += ["", "## Worst cell per method", "", "| method | worst ratio | cell |", "|---|---:|---|"]
-        out += [f"| {m} | {w['ratio']:.3f} | {w['cell']} |" for m, w in s["worst"].items()]
+        out += ["", "## Worst cell per method", "", "| method | worst ratio | cell | median ratio | cells >= 0.85 |",
+                "|---|---:|---|---:|---:|"]
+        out += [f"| {m} | {w['ratio']:.3f} | {w['cell']} | {w.get('median', float('nan')):.3f} | "
+                f"{w.get('cells_ge_085', '')} |" for m, w in s["worst"].items()]
         out += ["", "## Targets", "",
                 f"- every method's worst cell >= {TARGET_EVERY}x: {_met(s.get('every_method_worst_ge_085'))}",
                 f"- best method ({s.get('best_method')}) worst cell >= {TARGET_BEST}x: "
@@ -578,6 +598,32 @@ def estimate(methods: list[str], pairs: list[tuple[str, str]], p: dict, fraction
     return out
 
 
+def merge(paths: list[str], out: str, stem: str) -> int:
+    """Union of the teachers, references and cells of several result files made with the same sizes and seed;
+    ``command``/``date``/``total_s`` list each part. Writes ``out/stem.{json,md,png}``."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    first = parts[0]
+    for path, r in zip(paths, parts, strict=True):
+        if r.get("params") != first.get("params") or r.get("seed") != first.get("seed"):
+            raise ValueError(f"--merge: {path} was made with other sizes or --seed than {paths[0]}")
+    res: dict[str, Any] = {"teachers": {}, "references": {}, "cells": {}}
+    for r in parts:
+        for key in ("teachers", "references", "cells"):
+            res[key].update(r[key])
+    res.update({"quick": first["quick"], "params": first["params"], "seed": first["seed"],
+                "command": " ; ".join(r["command"] for r in parts) + " ; then --merge",
+                "date": ", ".join(r["date"] for r in parts), "versions": first["versions"],
+                "parts_total_s": [r.get("total_s", 0.0) for r in parts]})
+    mat = Matrix(res, out, stem, first["params"], first["seed"], "")
+    mat._t0 = time.perf_counter() - max(res["parts_total_s"])  # wall time: the parts ran side by side
+    mat.save()
+    _log(f"merged {len(paths)} runs ({len(res['cells'])} cells) into {os.path.join(out, stem)}.{{json,md,png}}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 methods x 2 teachers (smoke test)")
@@ -592,6 +638,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: fastest for these small "
                                                            "nets on a shared 2-core machine; 0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-sets", default=None, help="also save each cell's transfer set (fp16 .pt) in this folder")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge the results of runs made with the same sizes (e.g. one process per dataset) into "
+                         "--out/quality_matrix.{json,md,png}, the summary computed over all their cells")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -605,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(est, indent=2))
         return 0
     stem = "quality_matrix_quick" if args.quick else "quality_matrix"
+    if args.merge:
+        return merge(args.merge, args.out, stem)
     path = os.path.join(args.out, stem + ".json")
     res: dict[str, Any] = {"teachers": {}, "references": {}, "cells": {}}
     if args.resume and os.path.isfile(path):
@@ -619,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                 "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
                             f"threads {torch.get_num_threads()}, {platform.machine()}, "
                             f"health {'yes' if _health() else 'not installed'}"})
-    mat = Matrix(res, args.out, stem, p, args.seed, cache_dir)
+    mat = Matrix(res, args.out, stem, p, args.seed, cache_dir, args.save_sets)
     for m, t, d in _plan(methods, pairs):
         key = cell_key(m, t, d)
         if res["cells"].get(key, {}).get("status") in ("done", "skipped"):

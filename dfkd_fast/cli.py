@@ -395,7 +395,8 @@ def _cmd_distill_online(cfg: DistillConfig, ns: argparse.Namespace) -> int:
                                         **opts, **extra)
     res = distill_online(student, teacher, synth, cfg.epochs * rpe, cfg.kd_steps, rounds_per_epoch=rpe,
                          lr=cfg.lr, T=cfg.temperature, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                         schedule=cfg.schedule, warmup_rounds=cfg.warmup * rpe, pool_capacity=cfg.pool_capacity,
+                         schedule=cfg.schedule, grad_clip=cfg.grad_clip, warmup_rounds=cfg.warmup * rpe,
+                         pool_capacity=cfg.pool_capacity,
                          augment=cfg.augment, mean=mean, std=std, test_data=test_data, out_dir=cfg.out,
                          save_pool=True, resume=cfg.resume, backend=cfg.backend, seed=cfg.seed, progress=True)
     acc = (f"{100 * res.final_acc:.2f}% (best {100 * res.best_acc:.2f}%)" if res.test_acc
@@ -449,7 +450,8 @@ def cmd_distill(cfg: DistillConfig, ns: argparse.Namespace) -> int:
         warnings.showwarning = lambda msg, *a, **k: print(f"{PROG}: warning: {msg}", file=sys.stderr)
         res = distill(student, teacher, ts, epochs=cfg.epochs, lr=cfg.lr, T=cfg.temperature,
                       batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                      mean=parse_floats(cfg.mean, "mean"), std=parse_floats(cfg.std, "std"), augment=cfg.augment,
+                      grad_clip=cfg.grad_clip, mean=parse_floats(cfg.mean, "mean"),
+                      std=parse_floats(cfg.std, "std"), augment=cfg.augment,
                       test_data=test_data, num_classes=cfg.num_classes, out_dir=cfg.out, resume=cfg.resume,
                       device=device, backend=cfg.backend, seed=cfg.seed,
                       allow_teacher_mismatch=cfg.allow_teacher_mismatch)

@@ -94,6 +94,8 @@ class DistillConfig:
     epochs: int = _f(20, "KD epochs over the transfer set")
     lr: float = _f(0.1, "SGD learning rate (momentum 0.9)")
     weight_decay: float = _f(5e-4, "SGD weight decay")
+    grad_clip: float = _f(5.0, "clip the student's gradient norm at this value in every KD step (0: off); keeps KD "
+                               "stable on over-confident transfer sets and lets one lr serve BN-free students")
     temperature: float = _f(20.0, "KD temperature T")
     batch_size: int = _f(128, "KD batch size")
     schedule: str = _f("cosine", "learning-rate schedule: cosine, step or constant")

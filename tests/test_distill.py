@@ -155,8 +155,11 @@ def test_library_defaults_are_the_cli_defaults():
     params = inspect.signature(distill).parameters
     cli = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
     for arg, field in (("epochs", "epochs"), ("lr", "lr"), ("T", "temperature"), ("batch_size", "batch_size"),
-                       ("schedule", "schedule"), ("weight_decay", "weight_decay"), ("seed", "seed")):
+                       ("schedule", "schedule"), ("weight_decay", "weight_decay"), ("seed", "seed"),
+                       ("grad_clip", "grad_clip")):
         assert params[arg].default == cli[field], (arg, params[arg].default, cli[field])
+        if arg != "epochs":
+            assert inspect.signature(distill_online).parameters[arg].default == cli[field], arg
 
 
 def test_curves_have_loss_and_percent_accuracy_axes_with_teacher_line():
@@ -237,3 +240,45 @@ def test_distill_leaves_the_callers_teacher_as_it_was(teacher, impressions):
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+
+
+class _Loud(torch.nn.Module):
+    """A teacher whose logits are 50x the real one's: an over-confident set (Class Impressions reached 42)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 50.0 * self.inner(x)
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_grad_clip_bounds_every_student_step(teacher, impressions, online):
+    """With ``grad_clip`` c (no momentum, no weight decay) one SGD step moves the student by at most lr * c; without
+    it the over-confident teacher's KD gradient moves it much further."""
+    loud = _Loud(teacher).eval()
+    moved = {}
+    for clip in (0.0, 0.05):
+        student = _student()
+        before = torch.cat([q.detach().flatten().clone() for q in student.parameters()])
+        kw = dict(lr=0.1, T=1.0, batch_size=64, momentum=0.0, weight_decay=0.0, grad_clip=clip, augment=False,
+                  schedule="constant", progress=False)
+        if online:
+            synth = build_synthesizer("data_impressions", loud, K, (1, S, S), batch_size=64, seed=0, iterations=1)
+            distill_online(student, loud, synth, rounds=1, kd_steps_per_round=1, **kw)
+        else:
+            distill(student, loud, impressions[:64], epochs=1, curves=False, **kw)
+        after = torch.cat([q.detach().flatten() for q in student.parameters()])
+        moved[clip] = float((after - before).norm())
+    assert moved[0.05] <= 0.1 * 0.05 * (1 + 1e-4), moved
+    assert moved[0.0] > 5 * moved[0.05], moved
+
+
+def test_grad_clip_is_part_of_the_resumed_schedule(teacher, impressions, tmp_path):
+    kw = dict(epochs=2, lr=0.05, T=4.0, batch_size=64, progress=False, curves=False, out_dir=str(tmp_path))
+    distill(_student(), teacher, impressions, on_epoch_end=lambda e, r: e == 1, grad_clip=5.0, **kw)
+    with pytest.raises(ValueError, match="--grad-clip is 1.0 but .* was trained with 5.0"):
+        distill(_student(), teacher, impressions, resume=True, grad_clip=1.0, **kw)
+    with pytest.raises(ValueError, match="grad_clip must be >= 0"):
+        distill(_student(), teacher, impressions, epochs=1, grad_clip=-1.0, progress=False)

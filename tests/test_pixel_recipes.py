@@ -188,10 +188,10 @@ def test_data_impressions_priors(teachers):
     """Each optional prior enters the step loss as stated: bn * BN distance + tv * TV-l1 of the normalized view."""
     teacher, norm = teachers["gap"]
     x = torch.rand(6, *IMG, generator=torch.Generator().manual_seed(0))
-    base = build_synthesizer("data_impressions", teacher, K, IMG, batch_size=6, seed=2, **norm)
+    base = build_synthesizer("data_impressions", teacher, K, IMG, batch_size=6, seed=2, priors="off", **norm)
     pri = build_synthesizer("data_impressions", teacher, K, IMG, batch_size=6, seed=2, bn=2.0, tv=0.5, **norm)
     y = base._make_targets(None)
-    assert pri.sample_view(x) == ()  # no jitter/flip by default: the teacher sees the pixels themselves
+    assert pri.sample_view(x) == ()  # bn set, no jitter/flip: the teacher sees the pixels themselves
     with base.batch_context(), pri.batch_context():
         l0, l1 = float(base.step_loss(x, y)), float(pri.step_loss(x, y))
     inp = base.normalize(x)
@@ -205,3 +205,22 @@ def test_data_impressions_priors(teachers):
     assert lj != pytest.approx(l0, rel=1e-6)  # the teacher saw a rolled, flipped view
     with pytest.raises(ValueError, match="bn=1.0 needs a teacher with BatchNorm"):
         build_synthesizer("data_impressions", nn.Sequential(nn.Flatten(), nn.Linear(IMG[1] ** 2, K)), K, IMG, bn=1.0)
+
+
+@pytest.mark.parametrize("method", ["data_impressions", "class_impressions"])
+def test_impression_priors_follow_the_auto_rule(teachers, method):
+    """``priors="auto"`` (default): a BN teacher gets bn 1 + jitter H/8 unless bn or jitter is set; a teacher without
+    BN gets none; ``priors="off"`` keeps the values given; anything else is refused."""
+    gap, norm = teachers["gap"]
+    auto = build_synthesizer(method, gap, K, IMG, batch_size=4, **norm)
+    assert (auto.config.bn, auto.config.jitter, auto.max_shift) == (1.0, -1, IMG[1] // 8)
+    assert auto.probe is not None and len(auto.sample_view(torch.rand(4, *IMG))) == 2
+    off = build_synthesizer(method, gap, K, IMG, batch_size=4, priors="off", **norm)
+    assert (off.config.bn, off.config.jitter, off.probe) == (0.0, 0, None)
+    given = build_synthesizer(method, gap, K, IMG, batch_size=4, bn=0.5, **norm)
+    assert (given.config.bn, given.config.jitter) == (0.5, 0)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(IMG[1] ** 2, K))
+    none = build_synthesizer(method, plain, K, IMG, batch_size=4)
+    assert (none.config.bn, none.config.jitter, none.probe) == (0.0, 0, None)
+    with pytest.raises(ValueError, match="priors must be 'auto' or 'off'"):
+        build_synthesizer(method, gap, K, IMG, batch_size=4, priors="on", **norm)

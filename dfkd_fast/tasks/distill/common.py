@@ -186,9 +186,10 @@ def _augmenter(augment: bool | str, image_size: Sequence[int], backend: str, gen
 
 
 def kd_step(student: nn.Module, teacher: nn.Module, xb: torch.Tensor, aug, norm, opt: torch.optim.Optimizer,
-            sched: Any, temperature: float, backend: str) -> torch.Tensor:
+            sched: Any, temperature: float, backend: str, grad_clip: float = 0.0) -> torch.Tensor:
     """One student KD step on a batch of [0, 1] images: augment -> normalize -> KL(teacher || student) * T^2
-    (``batchmean``) -> SGD step -> scheduler step. Returns the detached loss. Shape: xb (N, C, H, W)."""
+    (``batchmean``) -> gradient-norm clip at ``grad_clip`` (0: off) -> SGD step -> scheduler step. Returns the
+    detached loss. Shape: xb (N, C, H, W)."""
     if aug is not None:
         xb = aug(xb)
     xb = norm(xb)
@@ -197,6 +198,8 @@ def kd_step(student: nn.Module, teacher: nn.Module, xb: torch.Tensor, aug, norm,
     loss = kd_kl_div(student(xb), t_logits, temperature=temperature, backend=backend)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
     opt.step()
     sched.step()
     return loss.detach()

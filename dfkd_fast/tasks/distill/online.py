@@ -194,7 +194,8 @@ def distill_online(student: nn.Module, teacher: nn.Module, synthesizer: Any, rou
                    kd_steps_per_round: int = _DEF["kd_steps"], *, rounds_per_epoch: int = 1,
                    lr: float = _DEF["lr"], T: float = _DEF["temperature"], batch_size: int = _DEF["batch_size"],
                    momentum: float = 0.9, weight_decay: float = _DEF["weight_decay"],
-                   schedule: str = _DEF["schedule"], warmup_rounds: int = _DEF["warmup"],
+                   schedule: str = _DEF["schedule"], grad_clip: float = _DEF["grad_clip"],
+                   warmup_rounds: int = _DEF["warmup"],
                    pool_capacity: int | None = _DEF["pool_capacity"], augment: bool | str = _DEF["augment"],
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                    test_data: tuple[torch.Tensor, torch.Tensor] | None = None, eval_every: int = 1,
@@ -214,6 +215,9 @@ def distill_online(student: nn.Module, teacher: nn.Module, synthesizer: Any, rou
         rounds: synthesis rounds in all (``epochs * rounds_per_epoch``; a multiple of ``rounds_per_epoch``).
         kd_steps_per_round: student steps per round (the reference scripts' ``--kd_steps``, 400).
         rounds_per_epoch: rounds per epoch (``ep_steps // kd_steps``); metrics and checkpoints are per epoch.
+        grad_clip: the student's gradient norm is clipped at this value in every KD step (0: off; see
+            :func:`~dfkd_fast.tasks.distill.distill`). A method with its own student clip (ZSKT's ``clip``) uses
+            that instead.
         warmup_rounds: first rounds that only synthesize (no KD, no adversarial term); sets FastMeta's
             ``warmup`` too, so one setting controls the warm-up.
         pool_capacity: keep at most this many images (ring buffer); ``None``: all.
@@ -232,6 +236,8 @@ def distill_online(student: nn.Module, teacher: nn.Module, synthesizer: Any, rou
     if rounds < 1 or kd_steps_per_round < 0 or warmup_rounds < 0 or rounds_per_epoch < 1:
         raise ValueError(f"need rounds >= 1, kd_steps_per_round >= 0, warmup_rounds >= 0, rounds_per_epoch >= 1; "
                          f"got {rounds}, {kd_steps_per_round}, {warmup_rounds}, {rounds_per_epoch}")
+    if not grad_clip >= 0:
+        raise ValueError(f"grad_clip must be >= 0 (0: off), got {grad_clip}")
     if rounds % rounds_per_epoch:
         raise ValueError(f"rounds ({rounds}) must be a multiple of rounds_per_epoch ({rounds_per_epoch})")
     if resume and not out_dir:
@@ -247,7 +253,7 @@ def distill_online(student: nn.Module, teacher: nn.Module, synthesizer: Any, rou
     fresh = getattr(synthesizer, "online_schedule", "pool") == "fresh"
     scfg = synthesizer.config
     n_s = int(getattr(scfg, "n_s", 1)) if fresh else 1
-    clip = float(getattr(scfg, "clip", 0.0) or 0.0)
+    clip = float(scfg.clip or 0.0) if hasattr(scfg, "clip") else float(grad_clip)
     student_loss = getattr(synthesizer, "student_loss", None) if fresh else None
     if hasattr(scfg, "warmup"):  # FastMeta: the driver's warm-up is the method's warm-up
         synthesizer.config = dataclasses.replace(scfg, warmup=int(warmup_rounds))
@@ -279,11 +285,12 @@ def distill_online(student: nn.Module, teacher: nn.Module, synthesizer: Any, rou
             raise ValueError(f"resume: {ckpt_path} is not an online checkpoint of --method {synthesizer.name} "
                              f"(it has {ck.get('kind')!r} / {ck.get('method')!r}); start a new --out")
         plan = {"rounds_per_epoch": rounds_per_epoch, "kd_steps_per_round": kd_steps_per_round,
-                "warmup_rounds": warmup_rounds, "batch_size": batch_size, "rounds": rounds}
+                "warmup_rounds": warmup_rounds, "batch_size": batch_size, "rounds": rounds, "grad_clip": clip}
         for key, val in plan.items():
-            if ck["plan"][key] != val:
+            if ck["plan"].get(key, val) != val:
                 raise ValueError(f"resume: {key} is {val} but {ckpt_path} was trained with {ck['plan'][key]}; "
-                                 "resume with the same --epochs/--ep-steps/--kd-steps/--warmup/--batch-size")
+                                 "resume with the same --epochs/--ep-steps/--kd-steps/--warmup/--batch-size/"
+                                 "--grad-clip")
         student.load_state_dict(ck["student"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -399,7 +406,8 @@ def distill_online(student: nn.Module, teacher: nn.Module, synthesizer: Any, rou
                     "synthesizer": synthesizer.state_dict(), "pool": pool.state_dict(), "rng": rng,
                     "state": dict(state), "train_loss": list(res.train_loss), "test_acc": list(res.test_acc),
                     "plan": {"rounds_per_epoch": rounds_per_epoch, "kd_steps_per_round": kd_steps_per_round,
-                             "warmup_rounds": warmup_rounds, "batch_size": batch_size, "rounds": rounds}})
+                             "warmup_rounds": warmup_rounds, "batch_size": batch_size, "rounds": rounds,
+                             "grad_clip": clip}})
                 res.checkpoint = ckpt_path
     bar.close()
     _pause_adversarial(synthesizer, student, False)
