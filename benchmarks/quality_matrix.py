@@ -452,6 +452,8 @@ def to_markdown(res: dict) -> str:
     out = [f"# Cross-architecture quality matrix {'[--quick]' if res['quick'] else ''}", "",
            f"command: `{res['command']}`  ", f"date: {res['date']}  ", f"versions: {res['versions']}  ",
            f"total: {res.get('total_s', 0):.0f} s{_parts(res)}  ",
+           *([f"health: rescored with the current dfkd_fast.health: {res['health_rescored']}  "]
+             if res.get("health_rescored") else []),
            f"sizes: transfer sets of {p['num_images']} images (offline: class-balanced batches of {p['synth_batch']}, "
            f"then KD {p['kd_epochs']} epochs); online: {p['rounds']} rounds x {p['kd_steps']} student steps, "
            f"batch {p['kd_batch']}; KD-on-real >= {p['kd_real_steps']} steps (whole epochs) on the real train split; "
@@ -484,6 +486,14 @@ def to_markdown(res: dict) -> str:
         else:
             why = c.get("reason") or (c.get("error", "").splitlines() or ["?"])[-1][:100]
             out.append(f"{head} {c.get('status')}: {why} | | | | | |")
+    kd_rows = [c for c in res["cells"].values() if "set_kd_acc" in c]
+    if kd_rows:
+        out += ["", "## Online cells: the student of the run vs a fresh student distilled offline on the run's final "
+                f"set ({p['num_images']} images, same KD recipe, {p['kd_epochs']} epochs)", "",
+                "| method | teacher | dataset | student | online student % | offline on final set % |",
+                "|---|---|---|---|---:|---:|"]
+        out += [f"| {c['method']} | {c['teacher']} | {c['dataset']} | {c['student']} | {_pct(c['acc'])} | "
+                f"{_pct(c['set_kd_acc'])} |" for c in kd_rows]
     s = res.get("summary", {})
     if s.get("worst"):
         out += ["", "## Worst cell per method", "", "| method | worst ratio | cell | median ratio | cells >= 0.85 |",
@@ -598,6 +608,46 @@ def estimate(methods: list[str], pairs: list[tuple[str, str]], p: dict, fraction
     return out
 
 
+def rescore(path: str, sets: str | None, cache_dir: str, health: bool = True, set_kd: bool = False) -> int:
+    """From the sets saved by the run that made ``path`` (its ``--save-sets``): ``health`` recomputes every finished
+    cell's health score with the installed :mod:`dfkd_fast.health`; ``set_kd`` distills a fresh student offline on
+    each online cell's final set (``set_kd_acc``). Rewrites the json/md/png beside ``path``."""
+    health_fn = _health() if health else None
+    if (health and health_fn is None) or not sets or not os.path.isdir(sets):
+        raise ValueError("--rescore/--set-kd need --save-sets DIR with the sets of the run in --out (and "
+                         "dfkd_fast.health for --rescore)")
+    with open(path) as f:
+        res = json.load(f)
+    out, stem = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    mat = Matrix(res, out, stem, res["params"], res["seed"], cache_dir)
+    run_s = float(res.get("total_s", 0.0))  # the run's time, kept: rescoring is not part of it
+    done = 0
+    for key, c in res["cells"].items():
+        f = os.path.join(sets, key.replace("|", "-") + ".pt")
+        if c.get("status") != "done" or not os.path.isfile(f):
+            continue
+        imgs, teacher = torch.load(f, weights_only=True).float(), mat.teacher(c["teacher"], c["dataset"])
+        if health_fn is not None:
+            rep = health_fn(imgs, teacher, seed=res["seed"])
+            c["health"] = float(rep["score"])
+            c["health_warnings"] = [str(w) for w in rep.get("warnings", [])][:5]
+        if set_kd and c["mode"] == "online":
+            p = res["params"]
+            c["set_kd_acc"] = _kd(_student(c["student"], res["seed"]), teacher, imgs,
+                                  load_data(c["dataset"], "test"), p, p["kd_epochs"], res["seed"])
+            _log(f"{key}: online {100 * c['acc']:.2f}%, offline KD on its final set {100 * c['set_kd_acc']:.2f}%")
+            mat._t0 = time.perf_counter() - run_s
+            mat.save()
+        done += 1
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if health_fn is not None:
+        res["health_rescored"] = f"{done} cells, {now} (health recomputed from the saved sets)"
+    mat._t0 = time.perf_counter() - run_s
+    mat.save()
+    _log(f"rescored {done} cells of {path}")
+    return 0
+
+
 def merge(paths: list[str], out: str, stem: str) -> int:
     """Union of the teachers, references and cells of several result files made with the same sizes and seed;
     ``command``/``date``/``total_s`` list each part. Writes ``out/stem.{json,md,png}``."""
@@ -617,6 +667,8 @@ def merge(paths: list[str], out: str, stem: str) -> int:
                 "command": " ; ".join(r["command"] for r in parts) + " ; then --merge",
                 "date": ", ".join(r["date"] for r in parts), "versions": first["versions"],
                 "parts_total_s": [r.get("total_s", 0.0) for r in parts]})
+    if any("health_rescored" in r for r in parts):
+        res["health_rescored"] = "; ".join(r.get("health_rescored", "not rescored") for r in parts)
     mat = Matrix(res, out, stem, first["params"], first["seed"], "")
     mat._t0 = time.perf_counter() - max(res["parts_total_s"])  # wall time: the parts ran side by side
     mat.save()
@@ -639,6 +691,13 @@ def main(argv: list[str] | None = None) -> int:
                                                            "nets on a shared 2-core machine; 0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-sets", default=None, help="also save each cell's transfer set (fp16 .pt) in this folder")
+    ap.add_argument("--rescore", action="store_true",
+                    help="recompute the health score of every finished cell of --out's json from the sets saved "
+                         "in --save-sets by an earlier run (after a change to dfkd_fast.health), then rewrite it")
+    ap.add_argument("--set-kd", action="store_true",
+                    help="for every finished online cell of --out's json, distill a fresh student offline (the "
+                         "matrix's KD recipe, kd_epochs) on the cell's saved final set: tells a set that does not "
+                         "teach from an online run whose student did not learn")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="merge the results of runs made with the same sizes (e.g. one process per dataset) into "
                          "--out/quality_matrix.{json,md,png}, the summary computed over all their cells")
@@ -657,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = "quality_matrix_quick" if args.quick else "quality_matrix"
     if args.merge:
         return merge(args.merge, args.out, stem)
+    if args.rescore or args.set_kd:
+        return rescore(os.path.join(args.out, stem + ".json"), args.save_sets, cache_dir, health=args.rescore,
+                       set_kd=args.set_kd)
     path = os.path.join(args.out, stem + ".json")
     res: dict[str, Any] = {"teachers": {}, "references": {}, "cells": {}}
     if args.resume and os.path.isfile(path):

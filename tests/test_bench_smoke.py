@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from dfkd_fast import _backend
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ops.py"
@@ -84,7 +86,8 @@ def test_quality_matrix_quick(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     sys.modules["quality_matrix"] = bench
     spec.loader.exec_module(bench)
-    args = ["--quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    sets = tmp_path / "sets"
+    args = ["--quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--save-sets", str(sets)]
     assert bench.main(args) == 0
     data = json.loads((tmp_path / "quality_matrix_quick.json").read_text())
     cells = data["cells"]
@@ -116,3 +119,24 @@ def test_quality_matrix_quick(tmp_path):
     assert bench.main([*args, "--resume"]) == 0  # every cell finished: nothing is recomputed
     again = json.loads((tmp_path / "quality_matrix_quick.json").read_text())["cells"]
     assert all(again[k].get("cell_s") == c.get("cell_s") for k, c in cells.items())
+    # the saved sets: --set-kd distills a fresh student on the online cell's final set, --rescore recomputes health
+    assert sorted(f.name for f in sets.iterdir()) == sorted(k.replace("|", "-") + ".pt" for k in cells
+                                                            if cells[k]["status"] == "done")
+    before = json.loads((tmp_path / "quality_matrix_quick.json").read_text())
+    assert bench.main([*args, "--set-kd", "--rescore"]) == 0
+    kd = json.loads((tmp_path / "quality_matrix_quick.json").read_text())
+    online = kd["cells"]["dfq|lenet5_bn|digits|small_cnn"]
+    assert 0.0 <= online["set_kd_acc"] <= 1.0 and "set_kd_acc" not in kd["cells"]["data_impressions|lenet5|digits"
+                                                                                  "|resnet8_half"]
+    assert kd["total_s"] == pytest.approx(before["total_s"], abs=0.5) and "health_rescored" in kd
+    assert "offline on final set" in (tmp_path / "quality_matrix_quick.md").read_text()
+    # --merge: two runs with the same sizes -> one table over the union of their cells
+    part = tmp_path / "part"
+    part.mkdir()
+    one = dict(kd, cells={k: c for k, c in kd["cells"].items() if "lenet5_bn" in k})
+    (part / "a.json").write_text(json.dumps(one))
+    rest = dict(kd, cells={k: c for k, c in kd["cells"].items() if "lenet5_bn" not in k})
+    (part / "b.json").write_text(json.dumps(rest))
+    assert bench.main(["--quick", "--out", str(part), "--merge", str(part / "a.json"), str(part / "b.json")]) == 0
+    merged = json.loads((part / "quality_matrix_quick.json").read_text())
+    assert merged["cells"] == kd["cells"] and merged["summary"]["worst"] == kd["summary"]["worst"]

@@ -163,3 +163,30 @@ def test_health_failure_never_fails_synthesis(weights, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert "health report" in err and "RuntimeError: boom second line" in err
     assert (out / "manifest.json").exists() and not (out / "health.json").exists()
+
+
+def test_feature_spread_is_the_participation_ratio_over_k_minus_1(teacher, data):
+    """``spread`` = min(1, PR / (K - 1)), PR = (sum l)^2 / sum l^2 of the penultimate-feature covariance spectrum:
+    r equal-variance orthogonal directions give PR = r; real digits spread over more directions than a set of
+    blends of two digits (a one-dimensional family), and the spread enters the score (geometric mean)."""
+    from dfkd_fast.health import _participation_ratio
+
+    g = torch.Generator().manual_seed(0)
+    for r in (1, 3, 7):
+        basis = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))[0][:, :r]
+        f = torch.randn(4000, r, generator=g, dtype=torch.float64) @ basis.T
+        assert _participation_ratio(f) == pytest.approx(r, rel=0.08)
+    assert _participation_ratio(torch.ones(5, 4)) is None and _participation_ratio(torch.randn(1, 4)) is None
+    _, _, xt, _ = data
+    a = torch.linspace(0, 1, 300).view(-1, 1, 1, 1)
+    blends = a * xt[0] + (1 - a) * xt[1]
+    good, line = health_report(xt, teacher), health_report(blends, teacher)
+    for rep in (good, line):
+        s = rep["set"]
+        assert s["feature_spread"] == pytest.approx(min(1.0, s["feature_participation"] / (K - 1)))
+        assert rep["components"]["spread"] == s["feature_spread"]
+        comps = list(rep["components"].values())
+        assert rep["score"] == pytest.approx(torch.tensor(comps).clamp_min(1e-3).log().mean().exp().item(), rel=1e-6)
+    assert good["set"]["feature_participation"] > line["set"]["feature_participation"] + 1.0
+    assert good["components"]["spread"] > line["components"]["spread"]
+    assert "feature participation ratio" in format_health(good)
