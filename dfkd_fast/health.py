@@ -28,7 +28,8 @@ Score (in [0, 1]), the geometric mean of the components (each in [0, 1], floored
 
 (without the noise reference ``prior`` is left out and the root is the 4th root). ``spread`` was added after the
 issue-13 quality matrix (56 transfer sets, 8 methods, 4 teacher families, 2 datasets): the Spearman correlation of
-the score with the students' real accuracy went from 0.48 to 0.71 (``benchmarks/results/quality_matrix.md``). Warnings (one line each):
+the score with the students' real accuracy went from 0.48 to 0.71 (``benchmarks/results/quality_matrix.md``; chosen
+on those sets, not validated on others). Warnings (one line each):
 ``one-class`` (largest class fraction > ``max(0.5, 1.5 / K)``), ``collapsed`` (near-duplicate fraction >= 0.5),
 ``texture-like`` (mean confidence >= 0.8 while, for a BN teacher, ``d_set >= TEXTURE_BN_RATIO * d_noise``;
 for a teacher without BN, while noise is classified at >= 0.8 too and the set's features are no more diverse
@@ -164,7 +165,8 @@ def _set_stats(x: torch.Tensor, logits: torch.Tensor, feats: torch.Tensor | None
             "class_counts": [int(c) for c in counts.tolist()], "class_entropy": class_entropy,
             "max_class_fraction": float(frac.max()), "exact_duplicates": exact, "near_duplicates": near,
             "mean_feature_cosine": mean_cos, "feature_participation": pr,
-            "feature_spread": None if pr is None else min(1.0, pr / max(k - 1, 1)), "bn_kl": kl, "bn_kl_mean": float(sum(kl) / len(kl)) if kl else None}
+            "feature_spread": None if pr is None else min(1.0, pr / max(k - 1, 1)), "bn_kl": kl,
+            "bn_kl_mean": float(sum(kl) / len(kl)) if kl else None}
 
 
 def health_report(images: torch.Tensor, teacher: nn.Module, *, logits: torch.Tensor | None = None,
