@@ -234,7 +234,7 @@ def _online(method: str, teacher: nn.Module, student: nn.Module, test: tuple, p:
         return r
 
     synth.synthesize = recording  # type: ignore[method-assign]
-    warm = p["fast_meta_warmup"] if method == "fast_meta" else 0
+    warm = p["fast_meta_warmup"] if method == "fast_meta" else None  # None: the library's rule
     res = distill_online(student, teacher, synth, p["rounds"], p["kd_steps"], rounds_per_epoch=p["rounds"],
                          lr=p["kd_lr"], T=p["kd_T"], batch_size=p["kd_batch"], grad_clip=p["kd_clip"],
                          warmup_rounds=warm, augment="crop",

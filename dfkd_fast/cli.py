@@ -349,7 +349,7 @@ def _cmd_distill_online(cfg: DistillConfig, ns: argparse.Namespace) -> int:
     if cfg.kd_steps < 1 or cfg.ep_steps < cfg.kd_steps:
         raise ValueError(f"--online needs --kd-steps >= 1 and --ep-steps >= --kd-steps (an epoch is "
                          f"ep_steps // kd_steps rounds), got --kd-steps {cfg.kd_steps} --ep-steps {cfg.ep_steps}")
-    if cfg.epochs < 1 or cfg.warmup > cfg.epochs:
+    if cfg.epochs < 1 or (cfg.warmup is not None and not 0 <= cfg.warmup <= cfg.epochs):
         raise ValueError(f"--online needs --epochs >= 1 and --warmup <= --epochs, got --epochs {cfg.epochs} "
                          f"--warmup {cfg.warmup}")
     if cfg.batch_size < 1 or (cfg.synthesis_batch_size is not None and cfg.synthesis_batch_size < 1):
@@ -395,7 +395,7 @@ def _cmd_distill_online(cfg: DistillConfig, ns: argparse.Namespace) -> int:
                                         **opts, **extra)
     res = distill_online(student, teacher, synth, cfg.epochs * rpe, cfg.kd_steps, rounds_per_epoch=rpe,
                          lr=cfg.lr, T=cfg.temperature, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                         schedule=cfg.schedule, grad_clip=cfg.grad_clip, warmup_rounds=cfg.warmup * rpe,
+                         schedule=cfg.schedule, grad_clip=cfg.grad_clip, warmup_rounds=None if cfg.warmup is None else cfg.warmup * rpe,
                          pool_capacity=cfg.pool_capacity,
                          augment=cfg.augment, mean=mean, std=std, test_data=test_data, out_dir=cfg.out,
                          save_pool=True, resume=cfg.resume, backend=cfg.backend, seed=cfg.seed, progress=True)

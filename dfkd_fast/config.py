@@ -117,7 +117,8 @@ class DistillConfig:
     ep_steps: int = _f(400, "--online: student steps per epoch; an epoch is ep_steps // kd_steps rounds")
     kd_steps: int = _f(400, "--online: student steps per round (one synthesized batch per round; DAFL/ZSKT/DFQ: a "
                             "generator step every n_s of them)")
-    warmup: int = _f(0, "--online: first epochs that only synthesize (no adversarial term, no KD)")
+    warmup: int | None = _f(None, "--online: first epochs that only synthesize (no adversarial term, no KD); "
+                                  "default: the first fifth of the rounds for dafl, dfq and zskt, none otherwise")
     synthesis_batch_size: int | None = _f(None, "--online: images per synthesized batch (default: --batch-size)")
     pool_capacity: int | None = _f(None, "--online: keep at most this many synthesized images in the on-device "
                                          "pool (default: all)")

@@ -296,3 +296,24 @@ def test_online_generator_method_improves_agreement(teacher, data):
     after = _agreement(student, teacher, xt)
     assert res.train_loss[-1] < res.train_loss[0]
     assert after > before + 0.25, (before, after)
+
+
+@pytest.mark.parametrize("method", ["dafl", "dfq", "zskt", "cmi"])
+def test_default_warmup_is_a_fifth_of_the_rounds_for_fresh_schedules(teacher, method):
+    """``warmup_rounds=None`` (default): DAFL / DFQ / ZSKT (fresh samples every student step) train only their
+    generator for ``rounds // 5`` rounds -- no KD, no adversarial term -- the pool methods start KD at once;
+    an explicit 0 keeps the paper's schedule."""
+    fresh = method in ("dafl", "dfq", "zskt")
+    kw = dict(batch_size=4, student=None, iterations=1, **GEN)
+    for warmup, expect in ((None, 2 if fresh else 0), (0, 0)):
+        student = _student()
+        synth = build_synthesizer(method, teacher, K, (1, S, S), **dict(kw, student=student))
+        paused = []
+        orig = synth.synthesize
+        synth.synthesize = lambda *a, _o=orig, _s=synth, **k: paused.append(_s.adversarial_paused) or _o(*a, **k)
+        res = distill_online(student, teacher, synth, rounds=10, kd_steps_per_round=2 if fresh and method != "zskt"
+                             else 10, rounds_per_epoch=1, warmup_rounds=warmup, batch_size=4, augment=False,
+                             progress=False)
+        assert len(res.train_loss) == 10 - expect, (method, warmup, res.train_loss)
+        # the adversarial term is paused in the warm-up calls only, which come first
+        assert paused == sorted(paused, reverse=True) and any(paused) == (expect > 0), (method, warmup, paused)
