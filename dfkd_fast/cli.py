@@ -395,7 +395,8 @@ def _cmd_distill_online(cfg: DistillConfig, ns: argparse.Namespace) -> int:
                                         **opts, **extra)
     res = distill_online(student, teacher, synth, cfg.epochs * rpe, cfg.kd_steps, rounds_per_epoch=rpe,
                          lr=cfg.lr, T=cfg.temperature, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                         schedule=cfg.schedule, grad_clip=cfg.grad_clip, warmup_rounds=None if cfg.warmup is None else cfg.warmup * rpe,
+                         schedule=cfg.schedule, grad_clip=cfg.grad_clip,
+                         warmup_rounds=None if cfg.warmup is None else cfg.warmup * rpe,
                          pool_capacity=cfg.pool_capacity,
                          augment=cfg.augment, mean=mean, std=std, test_data=test_data, out_dir=cfg.out,
                          save_pool=True, resume=cfg.resume, backend=cfg.backend, seed=cfg.seed, progress=True)
