@@ -16,7 +16,9 @@ synthesizer's ``online_schedule`` (a class attribute; ``"pool"`` when absent):
 Epochs, rounds, warm-up (the authors' ``datafree_kd.py``): an epoch is ``rounds_per_epoch`` rounds
 (``ep_steps // kd_steps``); the first ``warmup_rounds`` rounds only synthesize, with the adversarial term
 paused (``adversarial_paused`` of the generator methods, no student for a pixel method's competition term;
-FastMeta's ``warmup`` is set to the same count).
+FastMeta's ``warmup`` is set to the same count). By default (``warmup_rounds=None``) the fresh-sample schedules
+(DAFL, DFQ, ZSKT) warm up for ``rounds // 5`` rounds -- a deviation from their papers, measured on the issue-13
+quality matrix -- and the pool methods not at all.
 Under ``torchrun`` the student runs through ``DistributedDataParallel`` and the synthesizer's collectives are
 installed (``Synthesizer.setup_comm``).
 
