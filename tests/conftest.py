@@ -53,3 +53,13 @@ def cli_env(monkeypatch):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def data():
+    """scikit-learn digits at 8x8: (x_train, y_train, x_test, y_test), x in [0, 1] (N, 1, 8, 8)."""
+    from dfkd_fast.datasets import digits
+
+    x, y = digits("train", image_size=8)
+    xt, yt = digits("test", image_size=8)
+    return x, y, xt, yt

@@ -16,7 +16,7 @@ import torch
 from cli_models import tiny_cnn, tiny_student, train_on_digits
 
 from dfkd_fast.config import DistillConfig
-from dfkd_fast.datasets import digits, load_test_set
+from dfkd_fast.datasets import load_test_set
 from dfkd_fast.models import load_model
 from dfkd_fast.synthesis import build_synthesizer
 from dfkd_fast.tasks.distill import DistillResult, distill, distill_online, evaluate_accuracy
@@ -31,13 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data():
-    x, y = digits("train", image_size=S)
-    xt, yt = digits("test", image_size=S)
-    return x, y, xt, yt
 
 
 @pytest.fixture(scope="module")

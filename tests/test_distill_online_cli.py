@@ -14,7 +14,6 @@ from cli_models import tiny_bn_cnn, tiny_student, train_on_digits
 
 import dfkd_fast.synthesis as synthesis
 from dfkd_fast.cli import main
-from dfkd_fast.datasets import digits
 from dfkd_fast.synthesis import build_synthesizer
 from dfkd_fast.synthesis.base import Synthesizer
 from dfkd_fast.tasks.distill import distill_online
@@ -37,13 +36,6 @@ GEN = {"nz": 8, "ngf": 4}
 @pytest.fixture(autouse=True)
 def _env(cli_env):
     yield
-
-
-@pytest.fixture(scope="module")
-def data():
-    x, y = digits("train", image_size=S)
-    xt, yt = digits("test", image_size=S)
-    return x, y, xt, yt
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from cli_models import tiny_bn_cnn, train_on_digits
 
 from dfkd_fast.cli import main
-from dfkd_fast.datasets import digits
 from dfkd_fast.health import format_health, health_report, save_health_figure
 from dfkd_fast.transfer_set import write_tensors
 
@@ -27,13 +26,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module", autouse=True)
 def _threads(one_thread):
     yield
-
-
-@pytest.fixture(scope="module")
-def data():
-    x, y = digits("train", image_size=S)
-    xt, yt = digits("test", image_size=S)
-    return x, y, xt, yt
 
 
 @pytest.fixture(scope="module")
